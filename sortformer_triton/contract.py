@@ -1,0 +1,166 @@
+"""Tensor names, dtypes and shapes of every model in the repository (one source of truth).
+
+Shapes exclude the batch dimension (Triton adds it: every model has max_batch_size > 0).
+Symbols: C chunk_len, R right_context, W window mel frames, S spkcache_len, F fifo_len,
+D the encoder's embedding size (fc_d_model), M N_MELS, K NF new mel frames per request.
+
+State tensors: an ONNX graph input ``name`` pairs with output ``STATE_OUT_PREFIX + name``. A shared
+*prefix* keeps Triton's name-sorted pairing of state inputs and outputs aligned (DESIGN.md pitfalls).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Tuple
+
+from .presets import N_MELS, N_SPEAKERS, Preset
+
+STATE_OUT_PREFIX = "out_"
+MAX_SEGMENTS = 64  # rows of the SEGMENTS output per response
+
+# Triton control input fed to the stateful graphs: 1 on the first request of a sequence.
+START = "START"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy dtype name: float32, int32, int64
+    dims: Tuple[int, ...]
+
+    @property
+    def triton_dtype(self) -> str:
+        return {"float32": "TYPE_FP32", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}[self.dtype]
+
+    @property
+    def client_dtype(self) -> str:
+        return {"float32": "FP32", "int32": "INT32", "int64": "INT64"}[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIO:
+    """Inputs, outputs and implicit state of one model."""
+
+    inputs: List[Tensor]
+    outputs: List[Tensor]
+    states: List[Tensor] = dataclasses.field(default_factory=list)
+
+    def state_pairs(self) -> List[Tuple[str, str]]:
+        return [(s.name, STATE_OUT_PREFIX + s.name) for s in self.states]
+
+
+# ---- names --------------------------------------------------------------------------------------
+# Ensemble (what clients send and receive)
+AUDIO = "AUDIO"
+AUDIO_LENGTH = "AUDIO_LENGTH"
+CONFIRMED = "CONFIRMED"
+N_CONFIRMED = "N_CONFIRMED"
+TENTATIVE = "TENTATIVE"
+N_TENTATIVE = "N_TENTATIVE"
+FRAME_OFFSET = "FRAME_OFFSET"
+SEGMENTS = "SEGMENTS"
+N_SEGMENTS = "N_SEGMENTS"
+FINISHED = "FINISHED"
+
+# preprocessor -> sortformer
+FEATURES = "FEATURES"
+FEATURE_LENGTH = "FEATURE_LENGTH"
+LEFT_CONTEXT = "LEFT_CONTEXT"
+CHUNK_INDEX = "CHUNK_INDEX"
+
+
+def ensemble_name(preset: Preset) -> str:
+    return f"diarizer_{preset.name}"
+
+
+def preprocessor_name(preset: Preset) -> str:
+    return f"preprocessor_{preset.name}"
+
+
+def sortformer_name(preset: Preset) -> str:
+    return f"sortformer_{preset.name}"
+
+
+POSTPROCESSOR = "postprocessor"
+
+# preprocessor state: audio tail after pre-emphasis, and the raw last sample (pre-emphasis context)
+AUDIO_TAIL_SAMPLES = 1024
+
+
+def preprocessor_io(p: Preset) -> ModelIO:
+    return ModelIO(
+        inputs=[
+            Tensor(AUDIO, "float32", (p.step_samples,)),
+            Tensor(AUDIO_LENGTH, "int32", (1,)),
+        ],
+        outputs=[
+            Tensor(FEATURES, "float32", (p.window_mel_frames, N_MELS)),
+            Tensor(FEATURE_LENGTH, "int64", (1,)),
+            Tensor(LEFT_CONTEXT, "int64", (1,)),
+            Tensor(CHUNK_INDEX, "int64", (1,)),
+            Tensor(FINISHED, "int32", (1,)),
+        ],
+        states=[
+            Tensor("audio_tail", "float32", (AUDIO_TAIL_SAMPLES,)),
+            Tensor("feat_buffer", "float32", (p.feature_buffer_frames, N_MELS)),
+            # samples seen, mel frames computed, chunks emitted, audio ended (0/1)
+            Tensor("counters", "int64", (4,)),
+            Tensor("last_sample", "float32", (1,)),
+        ],
+    )
+
+
+def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
+    return ModelIO(
+        inputs=[
+            Tensor(FEATURES, "float32", (p.window_mel_frames, N_MELS)),
+            Tensor(FEATURE_LENGTH, "int64", (1,)),
+            Tensor(LEFT_CONTEXT, "int64", (1,)),
+            Tensor(CHUNK_INDEX, "int64", (1,)),
+        ],
+        outputs=[
+            Tensor(CONFIRMED, "float32", (p.chunk_len, N_SPEAKERS)),
+            Tensor(N_CONFIRMED, "int32", (1,)),
+            Tensor(TENTATIVE, "float32", (max(p.right_context, 1), N_SPEAKERS)),
+            Tensor(N_TENTATIVE, "int32", (1,)),
+            Tensor(FRAME_OFFSET, "int64", (1,)),
+        ],
+        states=[
+            Tensor("spkcache", "float32", (p.spkcache_len, emb_dim)),
+            Tensor("spkcache_preds", "float32", (p.spkcache_len, N_SPEAKERS)),
+            Tensor("spkcache_lengths", "int64", (1,)),
+            Tensor("fifo", "float32", (max(p.fifo_len, 1), emb_dim)),
+            Tensor("fifo_lengths", "int64", (1,)),
+            Tensor("mean_sil_emb", "float32", (emb_dim,)),
+            Tensor("n_sil_frames", "int64", (1,)),
+        ],
+    )
+
+
+def postprocessor_io() -> ModelIO:
+    """The postprocessor serves every preset: chunk-sized tensors have a variable first dim."""
+    return ModelIO(
+        inputs=[
+            Tensor(CONFIRMED, "float32", (-1, N_SPEAKERS)),
+            Tensor(N_CONFIRMED, "int32", (1,)),
+            Tensor(TENTATIVE, "float32", (-1, N_SPEAKERS)),
+            Tensor(N_TENTATIVE, "int32", (1,)),
+            Tensor(FRAME_OFFSET, "int64", (1,)),
+            Tensor(FINISHED, "int32", (1,)),
+        ],
+        outputs=[
+            # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0)
+            Tensor(SEGMENTS, "float32", (MAX_SEGMENTS, 4)),
+            Tensor(N_SEGMENTS, "int32", (1,)),
+        ],
+    )
+
+
+def ensemble_io(p: Preset) -> ModelIO:
+    pre, sf, post = preprocessor_io(p), sortformer_io(p, 1), postprocessor_io()
+    by = {t.name: t for t in sf.outputs + post.outputs + pre.outputs}
+    names = [CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED, SEGMENTS, N_SEGMENTS]
+    return ModelIO(inputs=list(pre.inputs), outputs=[by[n] for n in names])
+
+
+def all_state_names(io: ModelIO) -> Dict[str, str]:
+    return dict(io.state_pairs())
