@@ -1,0 +1,344 @@
+"""The two stateful streaming graphs, as torch modules written for ONNX export.
+
+Both are vectorized over the batch: every row is a different stream at its own age (starting, waiting
+for right context, compressing its speaker cache, flushing its tail), so there are no Python loops over
+rows and no data-dependent shapes: per-row lengths become index arithmetic, ``gather`` and ``where``.
+State goes in as inputs and comes out as ``out_<name>`` outputs (see sortformer_triton.contract).
+
+* :class:`StreamingFeatures` turns steps of 16 kHz audio into the model's own log-mel frames, equal to
+  NeMo's preprocessor run on the whole file, and cuts the feature window of the next chunk once its
+  right context exists (or the audio ended).
+* :class:`StreamingStep` is NeMo's ``forward_streaming_step`` with ``async_streaming=True``: pre-encode
+  the window, pack [speaker cache | FIFO | chunk], FastConformer + Transformer + speaker head, then the
+  speaker-cache/FIFO update of ``SortformerModules.streaming_update_async`` including the compression
+  (score boosts, top-k per speaker, silence frames) with NeMo's quirks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+from sortformer_triton.contract import AUDIO_TAIL_SAMPLES
+from sortformer_triton.presets import HOP_SAMPLES, N_FFT, N_SPEAKERS, SUBSAMPLING, WIN_SAMPLES, Preset
+
+NEG_INF = float("-inf")
+
+
+def _arange(n: int, like: Tensor) -> Tensor:
+    return torch.arange(n, device=like.device, dtype=torch.int64)
+
+
+def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """out[b, i, :] = src[b, index[b, i], :] (index already clipped into range)."""
+    return torch.gather(src, 1, index.unsqueeze(-1).expand(-1, -1, src.shape[2]))
+
+
+def _reset(start: Tensor, *states: Tensor) -> Tuple[Tensor, ...]:
+    """Zero every state of the rows whose request carries START."""
+    out = []
+    for s in states:
+        shape = [-1] + [1] * (s.dim() - 1)
+        out.append(torch.where(start.reshape(shape) != 0, torch.zeros_like(s), s))
+    return tuple(out)
+
+
+class StreamingFeatures(nn.Module):
+    """Audio steps -> NeMo log-mel frames -> the next chunk's feature window.
+
+    Frame i of NeMo's (center, zero-padded) STFT sees pre-emphasized samples [160 i - 200, 160 i + 200).
+    It is final once those samples arrived; at the end of the audio (the first request with fewer than
+    ``step_samples`` valid samples) the remaining frames use zeros, exactly like NeMo's whole-file
+    padding, and NeMo's count of frames (samples // 160) is honoured.
+    """
+
+    def __init__(self, featurizer, preset: Preset):
+        super().__init__()
+        self.p = preset
+        self.preemph = float(featurizer.preemph)
+        guard = featurizer.log_zero_guard_value_fn(torch.zeros(1))
+        self.guard = float(guard)
+        win = featurizer.window.detach().float()
+        pad = (N_FFT - win.numel()) // 2
+        window = torch.zeros(N_FFT)
+        window[pad : pad + win.numel()] = win
+        n = torch.arange(N_FFT, dtype=torch.float64)
+        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
+        ang = 2 * math.pi * torch.outer(n, k) / N_FFT
+        # window folded into the DFT basis: frames @ (window * cos) / (window * sin)
+        # float64: a float32 matmul DFT loses low-energy bands to rounding (1e-4 in log-mel); FFT does not
+        self.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
+        self.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
+        self.register_buffer("mel_fb", featurizer.fb.detach()[0].float().t().contiguous())  # [257, 128]
+        self.step = preset.step_samples
+        self.nf = preset.new_mel_frames_max
+        self.buf = preset.feature_buffer_frames
+        self.window_frames = preset.window_mel_frames
+        self.chunk_mel = preset.chunk_mel_frames
+        self.left_mel = preset.left_context * SUBSAMPLING
+        self.right_mel = preset.right_context * SUBSAMPLING
+
+    def log_mel(self, frames: Tensor) -> Tensor:
+        """[B, n, 512] raw (pre-emphasized) frames -> [B, n, 128] NeMo log-mel."""
+        frames = frames.to(torch.float64)
+        re = torch.matmul(frames, self.dft_cos)
+        im = torch.matmul(frames, self.dft_sin)
+        mag = torch.sqrt(re * re + im * im).to(torch.float32)  # NeMo takes |X| then squares it (mag_power 2)
+        power = mag.pow(2.0)
+        return torch.log(torch.matmul(power, self.mel_fb) + self.guard)
+
+    def forward(self, audio, audio_length, start, audio_tail, feat_buffer, counters, last_sample):
+        audio_tail, feat_buffer, counters, last_sample = _reset(start, audio_tail, feat_buffer, counters, last_sample)
+        b = audio.shape[0]
+        seen, done_frames, chunk_idx, ended = counters[:, 0], counters[:, 1], counters[:, 2], counters[:, 3]
+
+        valid = audio_length.reshape(b).to(torch.int64).clamp(0, self.step)
+        valid = torch.where(ended != 0, torch.zeros_like(valid), valid)  # audio after the end is ignored
+        new_ended = torch.where((ended != 0) | (valid < self.step), torch.ones_like(ended), torch.zeros_like(ended))
+        t = _arange(self.step, audio).unsqueeze(0)
+        x = torch.where(t < valid.unsqueeze(1), audio, torch.zeros_like(audio))
+        prev = torch.cat([last_sample, x[:, :-1]], dim=1)
+        y = torch.where(t < valid.unsqueeze(1), x - self.preemph * prev, torch.zeros_like(x))
+        last_idx = (valid - 1).clamp(min=0).unsqueeze(1)
+        new_last = torch.where(valid.unsqueeze(1) > 0, torch.gather(x, 1, last_idx), last_sample)
+
+        # samples buffer: [tail (global samples seen-TAIL .. seen) | this step | zeros for the end padding]
+        xs = torch.cat([audio_tail, y, torch.zeros(b, N_FFT // 2, dtype=y.dtype, device=y.device)], dim=1)
+        total = seen + valid
+        exact = torch.div(total - WIN_SAMPLES // 2, HOP_SAMPLES, rounding_mode="floor") + 1
+        exact = torch.where(total >= WIN_SAMPLES // 2, exact, torch.zeros_like(exact))
+        final_count = torch.div(total, HOP_SAMPLES, rounding_mode="floor")
+        new_done = torch.where(new_ended != 0, final_count, torch.maximum(exact, done_frames))
+        n_new = (new_done - done_frames).clamp(0, self.nf)
+        new_done = done_frames + n_new
+
+        # frames done_frames + q, q < nf: window start sample (i*160 - 256) in buffer coordinates
+        q = _arange(self.nf, audio).unsqueeze(0)
+        first = (done_frames.unsqueeze(1) + q) * HOP_SAMPLES - N_FFT // 2 - (seen.unsqueeze(1) - AUDIO_TAIL_SAMPLES)
+        idx = first.unsqueeze(2) + _arange(N_FFT, audio).reshape(1, 1, -1)
+        idx = idx.clamp(0, xs.shape[1] - 1).reshape(b, -1)
+        frames = torch.gather(xs, 1, idx).reshape(b, self.nf, N_FFT)
+        mel = self.log_mel(frames)  # [B, nf, 128]
+
+        # feature buffer holds frames [b0, b0 + buf), b0 = max(0, first frame of the next chunk's window)
+        b0 = (chunk_idx * self.chunk_mel - self.left_mel).clamp(min=0)
+        j = _arange(self.buf, audio).unsqueeze(0)
+        glob = b0.unsqueeze(1) + j
+        rel = glob - done_frames.unsqueeze(1)
+        from_new = (rel >= 0) & (rel < n_new.unsqueeze(1))
+        new_rows = _gather_rows(mel, rel.clamp(0, self.nf - 1))
+        keep_old = (rel < 0).unsqueeze(2)
+        buf = torch.where(keep_old, feat_buffer, torch.where(from_new.unsqueeze(2), new_rows, torch.zeros_like(new_rows)))
+
+        # is chunk `chunk_idx` ready? full right context, or the audio ended with frames left
+        chunk_end = (chunk_idx + 1) * self.chunk_mel
+        full = new_done >= chunk_end + self.right_mel
+        tail = (new_ended != 0) & (chunk_idx * self.chunk_mel < new_done)
+        ready = full | tail
+        win_end = torch.minimum(chunk_end + self.right_mel, new_done)
+        feat_len = torch.where(ready, win_end - b0, torch.zeros_like(b0)).clamp(0, self.window_frames)
+        w = _arange(self.window_frames, audio).unsqueeze(0)
+        window = torch.where((w < feat_len.unsqueeze(1)).unsqueeze(2), buf[:, : self.window_frames], torch.zeros_like(buf[:, : self.window_frames]))
+        left = torch.div(torch.minimum(chunk_idx * self.chunk_mel, torch.full_like(chunk_idx, self.left_mel)), SUBSAMPLING, rounding_mode="floor")
+        new_chunk = chunk_idx + ready.to(torch.int64)
+        finished = (new_ended != 0) & (new_chunk * self.chunk_mel >= new_done)
+
+        # slide the buffer to the next window's first frame
+        b1 = (new_chunk * self.chunk_mel - self.left_mel).clamp(min=0)
+        src = j + (b1 - b0).unsqueeze(1)
+        shifted = _gather_rows(buf, src.clamp(0, self.buf - 1))
+        out_buf = torch.where((src < self.buf).unsqueeze(2), shifted, torch.zeros_like(shifted))
+
+        tail_idx = valid.unsqueeze(1) + _arange(AUDIO_TAIL_SAMPLES, audio).unsqueeze(0)
+        out_tail = torch.gather(xs, 1, tail_idx)
+        out_counters = torch.stack([total, new_done, new_chunk, new_ended], dim=1)
+        return (
+            window,
+            feat_len.unsqueeze(1),
+            torch.where(ready, left, torch.zeros_like(left)).unsqueeze(1),
+            chunk_idx.unsqueeze(1),
+            finished.to(torch.int32).unsqueeze(1),
+            out_tail,
+            out_buf,
+            out_counters,
+            new_last,
+        )
+
+
+class StreamingStep(nn.Module):
+    """One streaming step of Sortformer with the speaker cache / FIFO update inside the graph."""
+
+    def __init__(self, model, preset: Preset):
+        super().__init__()
+        self.model = model
+        m = model.sortformer_modules
+        self.p = preset
+        self.S = preset.spkcache_len
+        self.F = max(preset.fifo_len, 1)
+        self.fifo_len = preset.fifo_len
+        self.C = preset.chunk_len
+        self.R = max(preset.right_context, 1)
+        self.E = preset.left_context + preset.chunk_len + preset.right_context  # pre-encoded window frames
+        self.P = preset.pop_out_max
+        self.period = preset.spkcache_update_period
+        self.D = int(model.cfg.encoder.d_model)
+        self.sil_threshold = float(m.sil_threshold)
+        self.sil_per_spk = int(m.spkcache_sil_frames_per_spk)
+        self.pred_score_threshold = float(m.pred_score_threshold)
+        self.scores_boost_latest = float(m.scores_boost_latest)
+        self.max_index = int(m.max_index)
+        per_spk = self.S // N_SPEAKERS - self.sil_per_spk
+        self.strong = math.floor(per_spk * m.strong_boost_rate)
+        self.weak = math.floor(per_spk * m.weak_boost_rate)
+        self.min_pos = math.floor(per_spk * m.min_pos_scores_rate)
+
+    # ---- the neural part, exactly NeMo's modules ------------------------------------------------
+    def predict(self, packed: Tensor, lengths: Tensor) -> Tensor:
+        model = self.model
+        emb, emb_len = model.frontend_encoder(processed_signal=packed, processed_signal_length=lengths, bypass_pre_encode=True)
+        preds = model.forward_infer(emb, emb_len)
+        return model.sortformer_modules.apply_mask_to_preds(preds, emb_len)
+
+    # ---- NeMo's _compress_spkcache, fixed shapes ------------------------------------------------
+    def _boost_topk(self, scores: Tensor, k: int, scale: float) -> Tensor:
+        _, idx = torch.topk(scores, k, dim=1, largest=True, sorted=False)
+        mask = torch.zeros_like(scores).scatter(1, idx, 1.0)
+        return scores - mask * (scale * math.log(0.5))
+
+    def compress(self, emb: Tensor, preds: Tensor, mean_sil: Tensor) -> Tuple[Tensor, Tensor]:
+        b, n, _ = preds.shape
+        thr = self.pred_score_threshold
+        log_p = torch.log(preds.clamp(min=thr))
+        log_1p = torch.log((1.0 - preds).clamp(min=thr))
+        scores = log_p - log_1p + log_1p.sum(dim=2, keepdim=True) - math.log(0.5)
+        is_speech = preds > 0.5
+        scores = torch.where(is_speech, scores, torch.full_like(scores, NEG_INF))
+        is_pos = scores > 0
+        enough = is_pos.sum(dim=1, keepdim=True) >= self.min_pos
+        scores = torch.where((~is_pos) & is_speech & enough, torch.full_like(scores, NEG_INF), scores)
+        if self.scores_boost_latest > 0:  # NeMo boosts by position: rows at index >= spkcache_len
+            latest = (_arange(n, preds) >= self.S).to(scores.dtype).reshape(1, n, 1)
+            scores = scores + latest * self.scores_boost_latest
+        scores = self._boost_topk(scores, self.strong, 2.0)
+        scores = self._boost_topk(scores, self.weak, 1.0)
+        if self.sil_per_spk > 0:
+            pad = torch.full((b, self.sil_per_spk, N_SPEAKERS), float("inf"), dtype=scores.dtype, device=scores.device)
+            scores = torch.cat([scores, pad], dim=1)
+        n_all = scores.shape[1]
+        flat = scores.permute(0, 2, 1).reshape(b, -1)
+        values, idx = torch.topk(flat, self.S, dim=1, largest=True, sorted=False)
+        idx = torch.where(values != NEG_INF, idx, torch.full_like(idx, self.max_index))
+        idx, _ = torch.sort(idx, dim=1)
+        disabled = idx == self.max_index
+        idx = torch.remainder(idx, n_all)
+        disabled = disabled | (idx >= n_all - self.sil_per_spk)
+        idx = torch.where(disabled, torch.zeros_like(idx), idx)
+        gathered = _gather_rows(emb, idx)
+        gathered = torch.where(disabled.unsqueeze(2), mean_sil.unsqueeze(1).expand(-1, self.S, -1), gathered)
+        gathered_preds = torch.where(disabled.unsqueeze(2), torch.zeros(1, dtype=preds.dtype), _gather_rows(preds, idx))
+        return gathered, gathered_preds
+
+    def forward(self, features, feature_length, left_context, chunk_index, start,
+                spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames):
+        spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames = _reset(
+            start, spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames
+        )
+        b = features.shape[0]
+        S, F, C, E, P = self.S, self.F, self.C, self.E, self.P
+        feat_len = feature_length.reshape(b).clamp(0, features.shape[1])
+        active = feat_len > 0
+        lc = left_context.reshape(b)
+        sl = spkcache_lengths.reshape(b)
+        fl = fifo_lengths.reshape(b)
+        n_sil = n_sil_frames.reshape(b)
+
+        t = _arange(features.shape[1], features).unsqueeze(0)
+        feats = torch.where((t < feat_len.unsqueeze(1)).unsqueeze(2), features, torch.zeros_like(features))
+        emb, emb_len = self.model.encoder.pre_encode(x=feats, lengths=feat_len)
+        emb_len = emb_len.to(torch.int64)
+        c = torch.minimum((emb_len - lc).clamp(min=0), torch.full_like(emb_len, C))
+        rc = (emb_len - lc - c).clamp(min=0)
+
+        # pack [spkcache[:sl] | fifo[:fl] | emb[:emb_len] | zeros]
+        zero_row = torch.zeros(b, 1, self.D, dtype=emb.dtype, device=emb.device)
+        cat = torch.cat([spkcache, fifo, emb, zero_row], dim=1)
+        L = S + F + E
+        pos = _arange(L, emb).unsqueeze(0)
+        sl1, fl1 = sl.unsqueeze(1), fl.unsqueeze(1)
+        total = sl + fl + emb_len
+        src = torch.where(pos < sl1, pos, torch.where(pos < sl1 + fl1, S + pos - sl1, S + F + pos - sl1 - fl1))
+        src = torch.where(pos < total.unsqueeze(1), src, torch.full_like(src, S + F + E))
+        packed = _gather_rows(cat, src)
+        preds = self.predict(packed, total)  # [B, L, 4]
+
+        def take(start_pos: Tensor, count: Tensor, n: int, source: Tensor) -> Tensor:
+            i = _arange(n, source).unsqueeze(0)
+            rows = _gather_rows(source, (start_pos.unsqueeze(1) + i).clamp(0, source.shape[1] - 1))
+            return torch.where((i < count.unsqueeze(1)).unsqueeze(2), rows, torch.zeros_like(rows))
+
+        fifo_preds = take(sl, fl, F, preds)
+        chunk_preds = take(sl + fl + lc, c, C, preds)
+        tentative = take(sl + fl + lc + c, rc, self.R, preds)
+        chunk_embs = take(lc, c, C, emb)
+
+        # FIFO += chunk; pop the oldest frames to the speaker cache when it overflows
+        zp = torch.zeros(b, 1, N_SPEAKERS, dtype=preds.dtype, device=preds.device)
+        fifo_cat = torch.cat([fifo, chunk_embs, zero_row], dim=1)
+        fifo_pred_cat = torch.cat([fifo_preds, chunk_preds, zp], dim=1)
+        j = _arange(F + C, emb).unsqueeze(0)
+        usrc = torch.where(j < fl1, j, F + j - fl1)
+        usrc = torch.where(j < (fl + c).unsqueeze(1), usrc, torch.full_like(usrc, F + C))
+        upd_fifo = _gather_rows(fifo_cat, usrc)
+        upd_fifo_preds = _gather_rows(fifo_pred_cat, usrc)
+        overflow = fl + c > self.fifo_len
+        pop = torch.maximum(torch.full_like(c, self.period), c - self.fifo_len + fl)
+        pop = torch.minimum(pop, fl + c)
+        pop = torch.where(overflow, pop, torch.zeros_like(pop))
+        new_fl = fl + c - pop
+        new_fifo = take(pop, new_fl, F, upd_fifo)
+
+        # silence profile from the popped frames
+        pop_embs = take(torch.zeros_like(pop), pop, P, upd_fifo)
+        pop_preds = take(torch.zeros_like(pop), pop, P, upd_fifo_preds)
+        k = _arange(P, emb).unsqueeze(0)
+        is_sil = (pop_preds.sum(dim=2) < self.sil_threshold) & (k < pop.unsqueeze(1))
+        sil_count = is_sil.sum(dim=1).to(torch.int64)
+        sil_sum = (pop_embs * is_sil.unsqueeze(2).to(pop_embs.dtype)).sum(dim=1)
+        upd_n_sil = n_sil + sil_count
+        upd_mean = (mean_sil_emb * n_sil.unsqueeze(1).to(mean_sil_emb.dtype) + sil_sum) / upd_n_sil.clamp(min=1).unsqueeze(1).to(mean_sil_emb.dtype)
+        has_sil = (sil_count > 0).unsqueeze(1)
+        new_mean = torch.where(has_sil, upd_mean, mean_sil_emb)
+        new_n_sil = torch.where(sil_count > 0, upd_n_sil, n_sil)
+
+        # speaker cache += popped frames (their predictions as popped: NeMo's async path always does this)
+        sc_cat = torch.cat([spkcache, pop_embs, zero_row], dim=1)
+        sp_cat = torch.cat([spkcache_preds, pop_preds, zp], dim=1)
+        m = _arange(S + P, emb).unsqueeze(0)
+        ssrc = torch.where(m < sl1, m, S + m - sl1)
+        ssrc = torch.where(m < (sl + pop).unsqueeze(1), ssrc, torch.full_like(ssrc, S + P))
+        upd_sc = _gather_rows(sc_cat, ssrc)
+        upd_sp = _gather_rows(sp_cat, ssrc)
+        need = (sl + pop > S).reshape(b, 1, 1)
+        comp_sc, comp_sp = self.compress(upd_sc, upd_sp, new_mean)
+        new_sc = torch.where(need, comp_sc, upd_sc[:, :S])
+        new_sp = torch.where(need, comp_sp, upd_sp[:, :S])
+        new_sl = torch.minimum(sl + pop, torch.full_like(sl, S))
+
+        a2, a3 = active.reshape(b, 1), active.reshape(b, 1, 1)
+        zero_count = torch.zeros_like(c)
+        return (
+            chunk_preds,
+            torch.where(active, c, zero_count).to(torch.int32).unsqueeze(1),
+            tentative,
+            torch.where(active, rc, zero_count).to(torch.int32).unsqueeze(1),
+            (chunk_index.reshape(b) * C).unsqueeze(1),
+            torch.where(a3, new_sc, spkcache),
+            torch.where(a3, new_sp, spkcache_preds),
+            torch.where(active, new_sl, sl).unsqueeze(1),
+            torch.where(a3, new_fifo, fifo),
+            torch.where(active, new_fl, fl).unsqueeze(1),
+            torch.where(a2, new_mean, mean_sil_emb),
+            torch.where(active, new_n_sil, n_sil).unsqueeze(1),
+        )

@@ -1,0 +1,240 @@
+"""Load a Streaming Sortformer from a Hugging Face id, a local ``.nemo`` file, or random init.
+
+Random init builds the real v2/v2.1 architecture (``full``, ~117M parameters) or a ``tiny`` variant of
+the same code for tests. Features must be causal: released streaming checkpoints use un-normalized
+log-mel; a model that normalizes per utterance cannot be streamed and is refused.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+DEFAULT_HF_ID = "nvidia/diar_streaming_sortformer_4spk-v2.1"
+RANDOM_SOURCES = ("full", "tiny")
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """A model source that cannot be loaded or cannot be streamed."""
+
+
+def _arch(fc_d_model: int, tf_d_model: int, n_layers: int, n_heads: int, conv_channels: int,
+          tf_layers: int, tf_inner: int, tf_heads: int) -> Dict[str, Any]:
+    """The streaming Sortformer architecture (NeMo's streaming_sortformer_diarizer_4spk-v2 values),
+    without training data/optimizer sections, with the released checkpoints' causal features."""
+    return {
+        "sample_rate": 16000,
+        "pil_weight": 0.5,
+        "ats_weight": 0.5,
+        "max_num_of_spks": 4,
+        "streaming_mode": True,
+        "model_defaults": {"fc_d_model": fc_d_model, "tf_d_model": tf_d_model},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            # Released streaming checkpoints: no per-utterance normalization (it needs the whole file).
+            "normalize": "NA",
+            "window_size": 0.025,
+            "sample_rate": 16000,
+            "window_stride": 0.01,
+            "window": "hann",
+            "features": 128,
+            "n_fft": 512,
+            "frame_splicing": 1,
+            "dither": 0.00001,  # applied only in training mode; exports and parity run in eval
+        },
+        "sortformer_modules": {
+            "_target_": "nemo.collections.asr.modules.sortformer_modules.SortformerModules",
+            "num_spks": 4,
+            "dropout_rate": 0.5,
+            "fc_d_model": fc_d_model,
+            "tf_d_model": tf_d_model,
+            "spkcache_len": 188,
+            "fifo_len": 188,
+            "chunk_len": 6,
+            "spkcache_update_period": 144,
+            "chunk_left_context": 1,
+            "chunk_right_context": 7,
+            "spkcache_sil_frames_per_spk": 3,
+            "scores_add_rnd": 0,
+            "pred_score_threshold": 0.25,
+            "max_index": 99999,
+            "scores_boost_latest": 0.05,
+            "sil_threshold": 0.2,
+            "strong_boost_rate": 0.75,
+            "weak_boost_rate": 1.5,
+            "min_pos_scores_rate": 0.5,
+            "causal_attn_rate": 0.5,
+            "causal_attn_rc": 7,
+        },
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": 128,
+            "feat_out": -1,
+            "n_layers": n_layers,
+            "d_model": fc_d_model,
+            "subsampling": "dw_striding",
+            "subsampling_factor": 8,
+            "subsampling_conv_channels": conv_channels,
+            "causal_downsampling": False,
+            "ff_expansion_factor": 4,
+            "self_attention_model": "rel_pos",
+            "n_heads": n_heads,
+            "att_context_size": [-1, -1],
+            "att_context_style": "regular",
+            "xscaling": True,
+            "untie_biases": True,
+            "pos_emb_max_len": 5000,
+            "conv_kernel_size": 9,
+            "conv_norm_type": "batch_norm",
+            "conv_context_size": None,
+            "dropout": 0.1,
+            "dropout_pre_encoder": 0.1,
+            "dropout_emb": 0.0,
+            "dropout_att": 0.1,
+            "stochastic_depth_drop_prob": 0.0,
+            "stochastic_depth_mode": "linear",
+            "stochastic_depth_start_layer": 1,
+        },
+        "transformer_encoder": {
+            "_target_": "nemo.collections.asr.modules.transformer.transformer_encoders.TransformerEncoder",
+            "num_layers": tf_layers,
+            "hidden_size": tf_d_model,
+            "inner_size": tf_inner,
+            "num_attention_heads": tf_heads,
+            "attn_score_dropout": 0.5,
+            "attn_layer_dropout": 0.5,
+            "ffn_dropout": 0.5,
+            "hidden_act": "relu",
+            "pre_ln": False,
+            "pre_ln_final_layer_norm": True,
+        },
+        "loss": {"_target_": "nemo.collections.asr.losses.bce_loss.BCELoss", "weight": None, "reduction": "mean"},
+    }
+
+
+ARCHITECTURES: Dict[str, Dict[str, Any]] = {
+    # The released v2 / v2.1 size: 17 FastConformer layers (512), 18 Transformer layers (192).
+    "full": _arch(512, 192, n_layers=17, n_heads=8, conv_channels=256, tf_layers=18, tf_inner=768, tf_heads=8),
+    # Same code, small sizes: for tests and CI.
+    "tiny": _arch(64, 32, n_layers=2, n_heads=4, conv_channels=16, tf_layers=2, tf_inner=64, tf_heads=4),
+}
+
+
+def _quiet_nemo() -> None:
+    os.environ.setdefault("NEMO_TESTING", "0")
+    try:
+        from nemo.utils import logging as nemo_logging
+
+        nemo_logging.setLevel(logging.ERROR)
+    except Exception:  # noqa: BLE001 - logging only
+        pass
+
+
+def random_model(size: str, seed: int = 0, spread: float = 8.0):
+    """Random init of the real architecture. ``spread`` scales the speaker head so sigmoid outputs use
+    the whole (0, 1) range, as a trained model's do; otherwise every prediction sits near 0.5 and the
+    speaker-cache compression (speech > 0.5, silence < 0.2, positive scores) is never exercised."""
+    import torch
+    from omegaconf import OmegaConf
+    from nemo.collections.asr.models import SortformerEncLabelModel
+
+    if size not in ARCHITECTURES:
+        raise SourceError(f"unknown random architecture {size!r}; choose one of {', '.join(ARCHITECTURES)}")
+    _quiet_nemo()
+    torch.manual_seed(seed)
+    cfg = OmegaConf.create(copy.deepcopy(ARCHITECTURES[size]))
+    model = SortformerEncLabelModel(cfg=cfg)
+    with torch.no_grad():
+        head = model.sortformer_modules.single_hidden_to_spks
+        head.weight.mul_(spread)
+        head.bias.copy_(torch.linspace(-3.5, 0.5, head.bias.numel()))
+    return prepare(model)
+
+
+def load_model(source: str, seed: int = 0):
+    """Load from ``full``/``tiny`` (random init), a ``.nemo`` path, or a Hugging Face id."""
+    if source in RANDOM_SOURCES:
+        return random_model(source, seed=seed)
+    from nemo.collections.asr.models import SortformerEncLabelModel
+
+    _quiet_nemo()
+    path = Path(source)
+    if source.endswith(".nemo") or path.exists():
+        if not path.is_file():
+            raise SourceError(f"model file not found: {source}")
+        model = _restore_nemo(path)
+    else:
+        if "/" not in source:
+            raise SourceError(
+                f"{source!r} is neither {' / '.join(RANDOM_SOURCES)}, an existing .nemo file, nor a Hugging Face id "
+                "(owner/name)"
+            )
+        try:
+            model = SortformerEncLabelModel.from_pretrained(source, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - re-raised with the reason a user needs
+            raise SourceError(
+                f"could not load {source!r} from Hugging Face ({type(exc).__name__}: {exc}). It needs internet "
+                "access; use a local .nemo file or --model full for a random-init model of the real architecture."
+            ) from exc
+    return prepare(model)
+
+
+def _restore_nemo(path: Path):
+    from nemo.collections.asr.models import SortformerEncLabelModel
+    from nemo.core.classes import ModelPT
+
+    try:
+        cfg = ModelPT.restore_from(str(path), return_config=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise SourceError(f"{path} is not a readable .nemo archive ({type(exc).__name__}: {exc})") from exc
+    target = str(cfg.get("target", ""))
+    if not target.endswith("SortformerEncLabelModel"):
+        raise SourceError(
+            f"{path} holds a {target or 'model of unknown class'}, not a Sortformer diarizer "
+            "(nemo.collections.asr.models.SortformerEncLabelModel)"
+        )
+    if not cfg.get("streaming_mode", False):
+        raise SourceError(f"{path} is not a streaming Sortformer (streaming_mode is false)")
+    return SortformerEncLabelModel.restore_from(str(path), map_location="cpu")
+
+
+def prepare(model):
+    """Eval mode on CPU, async streaming update (the batched, fixed-buffer path), causal features checked."""
+    model = model.to("cpu").eval()
+    model.async_streaming = True
+    check_causal_features(model)
+    return model
+
+
+def check_causal_features(model) -> None:
+    cfg = model.cfg.preprocessor
+    norm = cfg.get("normalize", None)
+    if norm not in (None, "NA", "None", "none", ""):
+        raise SourceError(
+            f"the model's preprocessor normalizes features per utterance (normalize={norm!r}); that needs the whole "
+            "recording and cannot be computed while streaming. Released streaming checkpoints use normalize: NA."
+        )
+    feats = model.preprocessor.featurizer
+    problems = []
+    if int(feats.n_fft) != 512 or int(feats.hop_length) != 160 or int(feats.win_length) != 400:
+        problems.append(f"n_fft/hop/win = {feats.n_fft}/{feats.hop_length}/{feats.win_length}, expected 512/160/400")
+    if getattr(feats, "exact_pad", False):
+        problems.append("exact_pad STFT")
+    if int(feats.frame_splicing) != 1:
+        problems.append(f"frame_splicing={feats.frame_splicing}")
+    if feats.fb.shape[1] != 128:
+        problems.append(f"{feats.fb.shape[1]} mel bins, expected 128")
+    if not feats.log or feats.log_zero_guard_type != "add":
+        problems.append("features are not log(x + guard)")
+    if int(model.encoder.subsampling_factor) != 8:
+        problems.append(f"subsampling factor {model.encoder.subsampling_factor}, expected 8")
+    if problems:
+        raise SourceError("unsupported feature configuration for streaming export: " + "; ".join(problems))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
