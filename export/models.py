@@ -134,10 +134,15 @@ def _quiet_nemo() -> None:
         pass
 
 
-def random_model(size: str, seed: int = 0, spread: float = 8.0):
-    """Random init of the real architecture. ``spread`` scales the speaker head so sigmoid outputs use
-    the whole (0, 1) range, as a trained model's do; otherwise every prediction sits near 0.5 and the
-    speaker-cache compression (speech > 0.5, silence < 0.2, positive scores) is never exercised."""
+def random_model(size: str, seed: int = 0, calibrate: bool = True):
+    """Random init of the real architecture.
+
+    With ``calibrate`` (default) the speaker head alone is then fitted by ridge regression to a synthetic
+    4-speaker conversation, so predictions behave like a trained model's: high during a speaker's turns,
+    low in pauses, overlaps. A purely random head outputs nearly constant probabilities, which never
+    exercises the speaker-cache compression (speech > 0.5, silence < 0.2, positive scores) and packs the
+    compression scores so tightly that float rounding decides the top-k.
+    """
     import torch
     from omegaconf import OmegaConf
     from nemo.collections.asr.models import SortformerEncLabelModel
@@ -147,12 +152,41 @@ def random_model(size: str, seed: int = 0, spread: float = 8.0):
     _quiet_nemo()
     torch.manual_seed(seed)
     cfg = OmegaConf.create(copy.deepcopy(ARCHITECTURES[size]))
-    model = SortformerEncLabelModel(cfg=cfg)
+    model = prepare(SortformerEncLabelModel(cfg=cfg))
+    if calibrate:
+        calibrate_head(model, seed=seed)
+    return model
+
+
+def calibrate_head(model, seed: int = 0, seconds: float = 90.0, margin: float = 4.0, ridge: float = 1e-2) -> None:
+    """Fit ``single_hidden_to_spks`` so its logits approach +margin while a speaker talks, -margin otherwise."""
+    import numpy as np
+    import torch
+
+    from sortformer_triton.presets import FRAME_SECONDS
+    from sortformer_triton.samples import conversation
+
+    audio, turns = conversation(seconds, n_speakers=4, seed=1000 + seed)
+    mods = model.sortformer_modules
     with torch.no_grad():
-        head = model.sortformer_modules.single_hidden_to_spks
-        head.weight.mul_(spread)
-        head.bias.copy_(torch.linspace(-3.5, 0.5, head.bias.numel()))
-    return prepare(model)
+        x = torch.from_numpy(audio).unsqueeze(0)
+        feats, length = model.process_signal(audio_signal=x, audio_signal_length=torch.tensor([x.shape[1]]))
+        emb, emb_len = model.frontend_encoder(processed_signal=feats, processed_signal_length=length)
+        mask = mods.length_to_mask(emb_len, emb.shape[1])
+        hidden = model.transformer_encoder(encoder_states=emb, encoder_mask=mask)
+        hidden = torch.relu(mods.first_hidden_to_hidden(torch.relu(hidden)))[0].double().numpy()
+    n = hidden.shape[0]
+    target = -margin * np.ones((n, mods.n_spk))
+    for t in turns:
+        a, b = int(t.start / FRAME_SECONDS), int(np.ceil(t.end / FRAME_SECONDS))
+        target[a:b, t.speaker] = margin
+    h = np.concatenate([hidden, np.ones((n, 1))], axis=1)
+    scale = h.std(axis=0) + 1e-6
+    hs = h / scale
+    w = np.linalg.solve(hs.T @ hs + ridge * n * np.eye(hs.shape[1]), hs.T @ target) / scale[:, None]
+    with torch.no_grad():
+        mods.single_hidden_to_spks.weight.copy_(torch.from_numpy(w[:-1].T).float())
+        mods.single_hidden_to_spks.bias.copy_(torch.from_numpy(w[-1]).float())
 
 
 def load_model(source: str, seed: int = 0):

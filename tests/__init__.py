@@ -1,0 +1,1 @@
+"""Tests of the Sortformer Triton serving project."""
