@@ -260,6 +260,8 @@ class StreamingStep(nn.Module):
         emb_len = emb_len.to(torch.int64)
         c = torch.minimum((emb_len - lc).clamp(min=0), torch.full_like(emb_len, C))
         rc = (emb_len - lc - c).clamp(min=0)
+        c = torch.where(active, c, torch.zeros_like(c))  # an idle row confirms nothing and outputs zeros
+        rc = torch.where(active, rc, torch.zeros_like(rc))
 
         # pack [spkcache[:sl] | fifo[:fl] | emb[:emb_len] | zeros]
         zero_row = torch.zeros(b, 1, self.D, dtype=emb.dtype, device=emb.device)
@@ -327,12 +329,11 @@ class StreamingStep(nn.Module):
         new_sl = torch.minimum(sl + pop, torch.full_like(sl, S))
 
         a2, a3 = active.reshape(b, 1), active.reshape(b, 1, 1)
-        zero_count = torch.zeros_like(c)
         return (
             chunk_preds,
-            torch.where(active, c, zero_count).to(torch.int32).unsqueeze(1),
+            c.to(torch.int32).unsqueeze(1),
             tentative,
-            torch.where(active, rc, zero_count).to(torch.int32).unsqueeze(1),
+            rc.to(torch.int32).unsqueeze(1),
             (chunk_index.reshape(b) * C).unsqueeze(1),
             torch.where(a3, new_sc, spkcache),
             torch.where(a3, new_sp, spkcache_preds),

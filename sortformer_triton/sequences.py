@@ -150,7 +150,9 @@ def ttl_from_parameters(params: Mapping[str, str], default: float = DEFAULT_TTL_
 def sequence_idle_seconds(model_config: Mapping[str, object]) -> float:
     """The sequence batcher's idle timeout in seconds (Triton's 1 s default when unset)."""
     batching = model_config.get("sequence_batching") or {}
-    micros = int(batching.get("max_sequence_idle_microseconds", 0) or 0) if isinstance(batching, Mapping) else 0
+    if not isinstance(batching, Mapping):
+        return TRITON_DEFAULT_IDLE_SECONDS
+    micros = int(batching.get("max_sequence_idle_microseconds", 0) or 0)
     return micros / 1e6 if micros > 0 else TRITON_DEFAULT_IDLE_SECONDS
 
 
