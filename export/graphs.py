@@ -71,7 +71,7 @@ class StreamingFeatures(nn.Module):
         # float64: a float32 matmul DFT loses low-energy bands to rounding (1e-4 in log-mel); FFT does not
         self.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
         self.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
-        self.register_buffer("mel_fb", featurizer.fb.detach()[0].float().t().contiguous())  # [257, 128]
+        self.register_buffer("mel_fb", featurizer.fb.detach()[0].double().t().contiguous())  # [257, 128]
         self.step = preset.step_samples
         self.nf = preset.new_mel_frames_max
         self.buf = preset.feature_buffer_frames
@@ -81,16 +81,17 @@ class StreamingFeatures(nn.Module):
         self.right_mel = preset.right_context * SUBSAMPLING
 
     def log_mel(self, frames: Tensor) -> Tensor:
-        """[B, n, 512] raw (pre-emphasized) frames -> [B, n, 128] NeMo log-mel."""
-        frames = frames.to(torch.float64)
+        """[B, n, 512] pre-emphasized float64 frames -> [B, n, 128] log-mel (float32 out).
+
+        Computed in float64 end to end: the result equals NeMo's pipeline evaluated exactly; NeMo's own
+        float32 torch.stft is ~2e-4 off that in near-silent bands, a float32 matmul DFT would be worse."""
         re = torch.matmul(frames, self.dft_cos)
         im = torch.matmul(frames, self.dft_sin)
-        mag = torch.sqrt(re * re + im * im).to(torch.float32)  # NeMo takes |X| then squares it (mag_power 2)
-        power = mag.pow(2.0)
-        return torch.log(torch.matmul(power, self.mel_fb) + self.guard)
+        power = re * re + im * im
+        return torch.log(torch.matmul(power, self.mel_fb) + self.guard).to(torch.float32)
 
-    def forward(self, audio, audio_length, start, audio_tail, feat_buffer, counters, last_sample):
-        audio_tail, feat_buffer, counters, last_sample = _reset(start, audio_tail, feat_buffer, counters, last_sample)
+    def forward(self, audio, audio_length, start, audio_tail, feat_buffer, counters):
+        audio_tail, feat_buffer, counters = _reset(start, audio_tail, feat_buffer, counters)
         b = audio.shape[0]
         seen, done_frames, chunk_idx, ended = counters[:, 0], counters[:, 1], counters[:, 2], counters[:, 3]
 
@@ -99,13 +100,16 @@ class StreamingFeatures(nn.Module):
         new_ended = torch.where((ended != 0) | (valid < self.step), torch.ones_like(ended), torch.zeros_like(ended))
         t = _arange(self.step, audio).unsqueeze(0)
         x = torch.where(t < valid.unsqueeze(1), audio, torch.zeros_like(audio))
-        prev = torch.cat([last_sample, x[:, :-1]], dim=1)
-        y = torch.where(t < valid.unsqueeze(1), x - self.preemph * prev, torch.zeros_like(x))
-        last_idx = (valid - 1).clamp(min=0).unsqueeze(1)
-        new_last = torch.where(valid.unsqueeze(1) > 0, torch.gather(x, 1, last_idx), last_sample)
 
-        # samples buffer: [tail (global samples seen-TAIL .. seen) | this step | zeros for the end padding]
-        xs = torch.cat([audio_tail, y, torch.zeros(b, N_FFT // 2, dtype=y.dtype, device=y.device)], dim=1)
+        # raw samples [tail: global samples seen-TAIL .. seen | this step | zeros for the end padding],
+        # pre-emphasized in float64 (NeMo: y[0] = x[0], y[t] = x[t] - 0.97 x[t-1], zero past the end;
+        # the tail's first sample never reaches a frame, so its missing predecessor does not matter)
+        pad = torch.zeros(b, N_FFT // 2, dtype=audio.dtype, device=audio.device)
+        raw = torch.cat([audio_tail, x, pad], dim=1)
+        xd = raw.to(torch.float64)
+        prev = torch.cat([torch.zeros_like(xd[:, :1]), xd[:, :-1]], dim=1)
+        pos = _arange(raw.shape[1], audio).unsqueeze(0)
+        xs = torch.where(pos < (AUDIO_TAIL_SAMPLES + valid).unsqueeze(1), xd - self.preemph * prev, torch.zeros_like(xd))
         total = seen + valid
         exact = torch.div(total - WIN_SAMPLES // 2, HOP_SAMPLES, rounding_mode="floor") + 1
         exact = torch.where(total >= WIN_SAMPLES // 2, exact, torch.zeros_like(exact))
@@ -152,7 +156,7 @@ class StreamingFeatures(nn.Module):
         out_buf = torch.where((src < self.buf).unsqueeze(2), shifted, torch.zeros_like(shifted))
 
         tail_idx = valid.unsqueeze(1) + _arange(AUDIO_TAIL_SAMPLES, audio).unsqueeze(0)
-        out_tail = torch.gather(xs, 1, tail_idx)
+        out_tail = torch.gather(raw, 1, tail_idx)
         out_counters = torch.stack([total, new_done, new_chunk, new_ended], dim=1)
         return (
             window,
@@ -163,7 +167,6 @@ class StreamingFeatures(nn.Module):
             out_tail,
             out_buf,
             out_counters,
-            new_last,
         )
 
 

@@ -3,7 +3,9 @@
 For every preset it exports the two graphs, streams synthetic conversations through them with
 onnxruntime (as Triton would: one request per step, flush steps, END) and compares, frame by frame:
 predictions with NeMo's ``forward_streaming_step`` loop (async_streaming=True, NeMo features), and
-features with NeMo's preprocessor on the whole file (and with that pipeline in float64). Batch 4 runs four
+features with NeMo's preprocessor on the whole file. The feature graph computes NeMo's pipeline in float64
+and must equal it evaluated exactly within 1e-5; its difference to NeMo's float32 output may then be no
+larger than NeMo's own rounding (reported as nemo_features_vs_float64, ~2.5e-4 in near-silent bands). Batch 4 runs four
 streams of different lengths that start at different steps, each compared with NeMo run on it alone.
 Prints one JSON line per preset and batch; exits 1 if any line fails.
 """
@@ -25,8 +27,10 @@ from sortformer_triton.presets import PRESETS, Preset
 from sortformer_triton.samples import conversation
 
 PRED_TOL = 1e-4
-FEAT_TOL_EXACT = 1e-4  # ours vs the float64 pipeline
-FEAT_TOL_NEMO = 5e-4  # ours vs NeMo's float32 torch.stft, whose own rounding reaches ~2e-4
+# Features: the exported graph computes NeMo's pipeline in float64, so it is held to 1e-5 of NeMo's pipeline
+# evaluated exactly; NeMo's own float32 torch.stft is up to ~2.5e-4 off that in near-silent bands, so the
+# difference to NeMo may be no larger than NeMo's own rounding plus 1e-5.
+FEAT_TOL_EXACT = 1e-5
 
 
 def min_seconds(p: Preset) -> float:
@@ -39,8 +43,9 @@ def min_seconds(p: Preset) -> float:
 @dataclasses.dataclass
 class StreamCheck:
     pred_diff: float
-    feat_diff: float
-    feat_diff_exact: float
+    feat_diff: float  # ours vs NeMo
+    feat_diff_exact: float  # ours vs the float64 pipeline
+    nemo_rounding: float  # NeMo vs the float64 pipeline
     frames: int
     compressions: int
     requests: int
@@ -58,10 +63,12 @@ def check_streams(model, preset: Preset, audios: Sequence[np.ndarray], start_at:
     checks = []
     for audio, res in zip(audios, results):
         ref = nemo_stream(model, preset, audio)
+        nemo_feats, exact = nemo_features(model, audio), exact_features(model, audio)
         checks.append(StreamCheck(
             pred_diff=max_abs_diff(ref.preds, res.preds),
-            feat_diff=max_abs_diff(nemo_features(model, audio), res.features),
-            feat_diff_exact=max_abs_diff(exact_features(model, audio), res.features),
+            feat_diff=max_abs_diff(nemo_feats, res.features),
+            feat_diff_exact=max_abs_diff(exact, res.features),
+            nemo_rounding=max_abs_diff(exact, nemo_feats),
             frames=int(res.preds.shape[0]), compressions=ref.compressions, requests=res.requests,
             finished=res.finished and res.preds.shape == ref.preds.shape,
         ))
@@ -105,15 +112,18 @@ def run_preset(model, preset: Preset, batches: Sequence[int], seconds: Optional[
         pred = max(c.pred_diff for c in checks)
         feat = max(c.feat_diff for c in checks)
         feat_exact = max(c.feat_diff_exact for c in checks)
+        feat_ok = all(c.feat_diff_exact <= FEAT_TOL_EXACT and c.feat_diff <= c.nemo_rounding + FEAT_TOL_EXACT
+                      for c in checks)
         line = {
             "preset": preset.name, "batch": batch, "engine": engine, "model": source,
             "async_streaming": True,
-            "max_abs_diff": pred, "features_max_abs_diff": feat, "features_max_abs_diff_float64": feat_exact,
+            "max_abs_diff": pred, "features_max_abs_diff": feat, "features_max_abs_diff_vs_float64": feat_exact,
+            "nemo_features_vs_float64": max(c.nemo_rounding for c in checks),
             "frames": [c.frames for c in checks], "compressions": [c.compressions for c in checks],
             "requests": [c.requests for c in checks], "all_confirmed": all(c.finished for c in checks),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        line["pass"] = bool(pred <= PRED_TOL and feat_exact <= FEAT_TOL_EXACT and feat <= FEAT_TOL_NEMO
+        line["pass"] = bool(pred <= PRED_TOL and feat_ok
                             and line["all_confirmed"] and min(line["compressions"]) >= (3 if batch == 1 else 1))
         lines.append(line)
     return lines

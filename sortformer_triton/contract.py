@@ -82,7 +82,7 @@ def sortformer_name(preset: Preset) -> str:
 
 POSTPROCESSOR = "postprocessor"
 
-# preprocessor state: audio tail after pre-emphasis, and the raw last sample (pre-emphasis context)
+# preprocessor state: the last raw samples (a frame reaches 616 samples back; pre-emphasis one more)
 AUDIO_TAIL_SAMPLES = 1024
 
 
@@ -104,7 +104,6 @@ def preprocessor_io(p: Preset) -> ModelIO:
             Tensor("feat_buffer", "float32", (p.feature_buffer_frames, N_MELS)),
             # samples seen, mel frames computed, chunks emitted, audio ended (0/1)
             Tensor("counters", "int64", (4,)),
-            Tensor("last_sample", "float32", (1,)),
         ],
     )
 
