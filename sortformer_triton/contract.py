@@ -163,3 +163,32 @@ def ensemble_io(p: Preset) -> ModelIO:
 
 def all_state_names(io: ModelIO) -> Dict[str, str]:
     return dict(io.state_pairs())
+
+
+def tensor_table_markdown() -> str:
+    """The README's tensor table, generated so it cannot drift from the contract (a test compares)."""
+    from .presets import Preset
+
+    # a probe preset whose sizes are all distinct, so each number maps back to its symbol
+    p = Preset("probe", chunk_len=11, right_context=13, left_context=1, fifo_len=17, spkcache_update_period=19,
+               spkcache_len=29)
+    emb = 7
+    symbols = {p.chunk_len: "C", p.right_context: "R", p.window_mel_frames: "W", p.spkcache_len: "S", p.fifo_len: "F",
+               p.step_samples: "C x 1280", p.feature_buffer_frames: "W + 8C + 8", emb: "D", -1: "n"}
+
+    def dims(t: Tensor) -> str:
+        return "[" + ", ".join(symbols.get(d, str(d)) for d in t.dims) + "]"
+
+    rows = ["| model | tensor | kind | dtype | dims (batch dim implied) |", "|---|---|---|---|---|"]
+    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), ("preprocessor_&lt;preset&gt;", preprocessor_io(p)),
+              ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)), ("postprocessor", postprocessor_io())]
+    for model, io in models:
+        for kind, tensors in (("input", io.inputs), ("output", io.outputs), ("state", io.states)):
+            for t in tensors:
+                name = f"{t.name} / {STATE_OUT_PREFIX}{t.name}" if kind == "state" else t.name
+                rows.append(f"| {model} | {name} | {kind} | {t.dtype} | {dims(t)} |")
+    legend = ("C = chunk_len, R = right_context, W = (left_context + C + R) x 8 mel frames, S = spkcache_len, "
+              "F = fifo_len (R and F at least 1), D = encoder width (512 full-size), n = any (the postprocessor "
+              "serves every preset). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
+              "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1].")
+    return "\n".join(rows) + "\n\n" + legend + "\n"
