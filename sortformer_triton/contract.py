@@ -17,8 +17,11 @@ from .presets import N_MELS, N_SPEAKERS, Preset
 STATE_OUT_PREFIX = "out_"
 MAX_SEGMENTS = 64  # rows of the SEGMENTS output per response
 
-# Triton control input fed to the stateful graphs: 1 on the first request of a sequence.
+# Triton control inputs. START (int32 [1], 1 on a sequence's first request) reaches every stateful model;
+# the Python-backend models (which keep their own per-sequence state) also get END and CORRID (uint64 [1]).
 START = "START"
+END = "END"
+CORRID = "CORRID"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,8 +53,8 @@ DEFAULT_INTRA_OP_THREADS = 2
 INSTANCE_KINDS: Tuple[str, ...] = ("KIND_CPU", "KIND_GPU")
 
 # Control inputs only the Python-backend models need (they key their own state by CORRID).
-END = "END"
-CORRID = "CORRID"
+END = contract.END
+CORRID = contract.CORRID
 
 # Postprocessor timeline parameters (DESIGN.md "Postprocessor semantics"); seconds where a duration.
 POSTPROCESSOR_DEFAULTS: Mapping[str, Union[float, int]] = {

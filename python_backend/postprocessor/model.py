@@ -39,10 +39,7 @@ from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
 from sortformer_triton.timeline import SegmentParams, parse_segment_params  # noqa: E402
 
-START = contract.START
-# sequence_batching control inputs only the Python-backend models declare (repository.py names them)
-END = "END"
-CORRID = "CORRID"
+START, END, CORRID = contract.START, contract.END, contract.CORRID
 
 
 class TritonPythonModel:
