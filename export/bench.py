@@ -1,7 +1,8 @@
 """``python -m export.bench``: the exported step in onnxruntime against NeMo's torch step, per preset.
 
 Both run the same model, the same audio and the same steady state (speaker cache and FIFO full, where
-a long stream spends its life) with the same thread count, in one run. Prints, per preset and engine,
+a long stream spends its life) with the same thread count, in one run, alternating step by step so load
+from other processes hits both alike. Prints, per preset and engine,
 mean/p50/p95 ms per step, the real-time factor (step time / step audio duration), peak RSS of a fresh
 process running only that engine, the ratio NeMo/ONNX, and the step's FLOPs as a fraction of this CPU's
 measured fp32 GEMM throughput. ``--markdown FILE`` writes the table with date and machine.
@@ -71,56 +72,84 @@ def windows(model, preset: Preset, steps: int) -> List[np.ndarray]:
     return [feats[k * c : k * c + w][None] for k in range(1, steps + 1)]
 
 
-def run_engine(engine: str, source: str, preset: Preset, steps: int, threads: int, onnx_path: Optional[str]) -> Dict:
-    """Time `steps` steady-state steps of one engine (called in a fresh process for a clean peak RSS)."""
+def engine_steps(model, preset: Preset, onnx_path: str, threads: int):
+    """Two callables that each run one steady-state step on the same window and state: NeMo and ONNX."""
+    import torch
+
+    from .reference import configure_streaming, ort_fn
+
+    configure_streaming(model, preset)
+    emb_dim = int(model.cfg.encoder.d_model)
+    win = windows(model, preset, 1)[0]
+    state = steady_state(preset, emb_dim)
+    feeds = dict(state)
+    feeds.update({contract.FEATURES: win, contract.FEATURE_LENGTH: np.array([[win.shape[1]]], np.int64),
+                  contract.LEFT_CONTEXT: np.array([[preset.left_context]], np.int64),
+                  contract.CHUNK_INDEX: np.array([[1]], np.int64), contract.START: np.zeros((1, 1), np.int32)})
+    fn = ort_fn(onnx_path, threads=threads)
+    mods = model.sortformer_modules
+    x = torch.from_numpy(win)
+
+    def onnx_step() -> None:
+        fn(feeds)
+
+    @torch.no_grad()
+    def nemo_step() -> None:
+        st = mods.init_streaming_state(batch_size=1, async_streaming=True)
+        for name in ("spkcache", "spkcache_preds", "fifo", "mean_sil_emb"):
+            setattr(st, name, torch.from_numpy(state[name]))
+        st.spkcache_lengths = torch.from_numpy(state["spkcache_lengths"][:, 0])
+        st.fifo_lengths = torch.from_numpy(state["fifo_lengths"][:, 0])
+        st.n_sil_frames = torch.from_numpy(state["n_sil_frames"][:, 0])
+        model.forward_streaming_step(
+            processed_signal=x, processed_signal_length=torch.tensor([x.shape[1]]), streaming_state=st,
+            total_preds=torch.zeros((1, 0, 4)), left_offset=preset.left_context * 8,
+            right_offset=preset.right_context * 8,
+        )
+
+    return {"nemo": nemo_step, "onnx": onnx_step}
+
+
+def time_engines(steps_fns: Dict, steps: int, warmup: int = 2) -> Dict[str, np.ndarray]:
+    """Alternate the engines step by step, so load from other processes hits both alike."""
+    for _ in range(warmup):
+        for fn in steps_fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in steps_fns}
+    for _ in range(steps):
+        for name, fn in steps_fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: np.array(v) * 1000 for k, v in times.items()}
+
+
+def peak_rss_mb(engine: str, source: str, preset: Preset, threads: int, onnx_path: str) -> float:
+    """Peak RSS of a fresh process that loads what one engine needs and runs two steps."""
     import torch
 
     from .models import load_model
-    from .reference import configure_streaming
 
     torch.set_num_threads(threads)
-    model = load_model(source)
-    configure_streaming(model, preset)
-    emb_dim = int(model.cfg.encoder.d_model)
-    wins = windows(model, preset, steps + 2)
-    state = steady_state(preset, emb_dim)
-    times = []
     if engine == "onnx":
         from .reference import ort_fn
 
+        emb_dim = 512 if source == "full" else int(load_model(source).cfg.encoder.d_model)
+        feeds = steady_state(preset, emb_dim)
+        w = preset.window_mel_frames
+        feeds.update({contract.FEATURES: np.zeros((1, w, 128), np.float32),
+                      contract.FEATURE_LENGTH: np.array([[w]], np.int64),
+                      contract.LEFT_CONTEXT: np.array([[preset.left_context]], np.int64),
+                      contract.CHUNK_INDEX: np.array([[1]], np.int64), contract.START: np.zeros((1, 1), np.int32)})
         fn = ort_fn(onnx_path, threads=threads)
-        del model
-        for k, win in enumerate(wins):
-            feeds = dict(state)
-            feeds.update({contract.FEATURES: win, contract.FEATURE_LENGTH: np.array([[win.shape[1]]], np.int64),
-                          contract.LEFT_CONTEXT: np.array([[preset.left_context]], np.int64),
-                          contract.CHUNK_INDEX: np.array([[k + 1]], np.int64),
-                          contract.START: np.zeros((1, 1), np.int32)})
-            t0 = time.perf_counter()
-            fn(feeds)
-            times.append(time.perf_counter() - t0)
+        fn(feeds)
+        fn(feeds)
     else:
-        mods = model.sortformer_modules
-        with torch.no_grad():
-            for win in wins:
-                st = mods.init_streaming_state(batch_size=1, async_streaming=True)
-                for name in ("spkcache", "spkcache_preds", "fifo", "mean_sil_emb"):
-                    setattr(st, name, torch.from_numpy(state[name]).reshape(getattr(st, name).shape[0], *state[name].shape[1:]))
-                st.spkcache_lengths = torch.from_numpy(state["spkcache_lengths"][:, 0])
-                st.fifo_lengths = torch.from_numpy(state["fifo_lengths"][:, 0])
-                st.n_sil_frames = torch.from_numpy(state["n_sil_frames"][:, 0])
-                x = torch.from_numpy(win)
-                t0 = time.perf_counter()
-                model.forward_streaming_step(
-                    processed_signal=x, processed_signal_length=torch.tensor([x.shape[1]]), streaming_state=st,
-                    total_preds=torch.zeros((1, 0, 4)), left_offset=preset.left_context * 8,
-                    right_offset=preset.right_context * 8,
-                )
-                times.append(time.perf_counter() - t0)
-    t = np.array(times[2:]) * 1000  # the first steps at a new shape are warm-up
-    return {"engine": engine, "mean_ms": float(t.mean()), "p50_ms": float(np.percentile(t, 50)),
-            "p95_ms": float(np.percentile(t, 95)), "steps": int(t.size),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        model = load_model(source)
+        fns = engine_steps(model, preset, onnx_path, threads)
+        fns["nemo"]()
+        fns["nemo"]()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_flops(model, preset: Preset) -> float:
@@ -160,14 +189,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="full", help="full (default: random init of the real size), tiny, .nemo, HF id")
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default all")
-    ap.add_argument("--steps", type=int, default=8, help="timed steady-state steps per engine (default 8)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steady-state steps per engine (default 10)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     ap.add_argument("--_engine", help=argparse.SUPPRESS)
     ap.add_argument("--_onnx", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args._engine:  # child process: one engine, one preset
-        print(json.dumps(run_engine(args._engine, args.model, PRESETS[args.preset[0]], args.steps, args.threads, args._onnx)))
+    if args._engine:  # child process: peak RSS of one engine
+        print(json.dumps({"peak_rss_mb": peak_rss_mb(args._engine, args.model, PRESETS[args.preset[0]], args.threads, args._onnx)}))
         return 0
 
     import torch
@@ -184,12 +213,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p = PRESETS[name]
             path = export_step(model, p, Path(tmp) / f"{name}.onnx", args.model)
             flops = step_flops(model, p)
+            times = time_engines(engine_steps(model, p, str(path), args.threads), args.steps)
             res = {}
             for engine in ("nemo", "onnx"):
-                cmd = [sys.executable, "-m", "export.bench", "--model", args.model, "--preset", name, "--steps",
-                       str(args.steps), "--threads", str(args.threads), "--_engine", engine, "--_onnx", str(path)]
+                cmd = [sys.executable, "-m", "export.bench", "--model", args.model, "--preset", name,
+                       "--threads", str(args.threads), "--_engine", engine, "--_onnx", str(path)]
                 out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-                res[engine] = json.loads(out.strip().splitlines()[-1])
+                t = times[engine]
+                res[engine] = {"engine": engine, "mean_ms": float(t.mean()), "p50_ms": float(np.percentile(t, 50)),
+                               "p95_ms": float(np.percentile(t, 95)), "steps": int(t.size),
+                               **json.loads(out.strip().splitlines()[-1])}
             for engine in ("nemo", "onnx"):
                 r = res[engine]
                 r.update(preset=name, rtf=r["mean_ms"] / 1000 / p.step_seconds, gflop=flops / 1e9,
