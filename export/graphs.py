@@ -16,7 +16,7 @@ State goes in as inputs and comes out as ``out_<name>`` outputs (see sortformer_
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,23 @@ def _arange(n: int, like: Tensor) -> Tensor:
 def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
     """out[b, i, :] = src[b, index[b, i], :] (index already clipped into range)."""
     return torch.gather(src, 1, index.unsqueeze(-1).expand(-1, -1, src.shape[2]))
+
+
+def _concat_valid(parts: Sequence[Tuple[Tensor, Tensor]], out_len: int) -> Tensor:
+    """Per row, the first length_i rows of each part, back to back, zero-padded to out_len rows
+    (NeMo's ``concat_and_pad`` and its FIFO/cache appends, without a loop over the batch)."""
+    first = parts[0][0]
+    b = first.shape[0]
+    cat = torch.cat([t for t, _ in parts] + [torch.zeros(b, 1, first.shape[2], dtype=first.dtype, device=first.device)], dim=1)
+    pos = _arange(out_len, first).unsqueeze(0)
+    src = torch.full_like(pos.expand(b, -1), cat.shape[1] - 1)  # the zero row
+    start = torch.zeros_like(parts[0][1]).unsqueeze(1)
+    offset = 0
+    for tensor, length in parts:
+        end = start + length.unsqueeze(1)
+        src = torch.where((pos >= start) & (pos < end), offset + pos - start, src)
+        start, offset = end, offset + tensor.shape[1]
+    return _gather_rows(cat, src)
 
 
 def _reset(start: Tensor, *states: Tensor) -> Tuple[Tensor, ...]:
@@ -267,15 +284,9 @@ class StreamingStep(nn.Module):
         rc = torch.where(active, rc, torch.zeros_like(rc))
 
         # pack [spkcache[:sl] | fifo[:fl] | emb[:emb_len] | zeros]
-        zero_row = torch.zeros(b, 1, self.D, dtype=emb.dtype, device=emb.device)
-        cat = torch.cat([spkcache, fifo, emb, zero_row], dim=1)
         L = S + F + E
-        pos = _arange(L, emb).unsqueeze(0)
-        sl1, fl1 = sl.unsqueeze(1), fl.unsqueeze(1)
         total = sl + fl + emb_len
-        src = torch.where(pos < sl1, pos, torch.where(pos < sl1 + fl1, S + pos - sl1, S + F + pos - sl1 - fl1))
-        src = torch.where(pos < total.unsqueeze(1), src, torch.full_like(src, S + F + E))
-        packed = _gather_rows(cat, src)
+        packed = _concat_valid([(spkcache, sl), (fifo, fl), (emb, emb_len)], L)
         preds = self.predict(packed, total)  # [B, L, 4]
 
         def take(start_pos: Tensor, count: Tensor, n: int, source: Tensor) -> Tensor:
@@ -289,14 +300,8 @@ class StreamingStep(nn.Module):
         chunk_embs = take(lc, c, C, emb)
 
         # FIFO += chunk; pop the oldest frames to the speaker cache when it overflows
-        zp = torch.zeros(b, 1, N_SPEAKERS, dtype=preds.dtype, device=preds.device)
-        fifo_cat = torch.cat([fifo, chunk_embs, zero_row], dim=1)
-        fifo_pred_cat = torch.cat([fifo_preds, chunk_preds, zp], dim=1)
-        j = _arange(F + C, emb).unsqueeze(0)
-        usrc = torch.where(j < fl1, j, F + j - fl1)
-        usrc = torch.where(j < (fl + c).unsqueeze(1), usrc, torch.full_like(usrc, F + C))
-        upd_fifo = _gather_rows(fifo_cat, usrc)
-        upd_fifo_preds = _gather_rows(fifo_pred_cat, usrc)
+        upd_fifo = _concat_valid([(fifo, fl), (chunk_embs, c)], F + C)
+        upd_fifo_preds = _concat_valid([(fifo_preds, fl), (chunk_preds, c)], F + C)
         overflow = fl + c > self.fifo_len
         pop = torch.maximum(torch.full_like(c, self.period), c - self.fifo_len + fl)
         pop = torch.minimum(pop, fl + c)
@@ -318,13 +323,8 @@ class StreamingStep(nn.Module):
         new_n_sil = torch.where(sil_count > 0, upd_n_sil, n_sil)
 
         # speaker cache += popped frames (their predictions as popped: NeMo's async path always does this)
-        sc_cat = torch.cat([spkcache, pop_embs, zero_row], dim=1)
-        sp_cat = torch.cat([spkcache_preds, pop_preds, zp], dim=1)
-        m = _arange(S + P, emb).unsqueeze(0)
-        ssrc = torch.where(m < sl1, m, S + m - sl1)
-        ssrc = torch.where(m < (sl + pop).unsqueeze(1), ssrc, torch.full_like(ssrc, S + P))
-        upd_sc = _gather_rows(sc_cat, ssrc)
-        upd_sp = _gather_rows(sp_cat, ssrc)
+        upd_sc = _concat_valid([(spkcache, sl), (pop_embs, pop)], S + P)
+        upd_sp = _concat_valid([(spkcache_preds, sl), (pop_preds, pop)], S + P)
         need = (sl + pop > S).reshape(b, 1, 1)
         comp_sc, comp_sp = self.compress(upd_sc, upd_sp, new_mean)
         new_sc = torch.where(need, comp_sc, upd_sc[:, :S])
