@@ -149,6 +149,14 @@ def peak_rss_mb(engine: str, source: str, preset: Preset, threads: int, onnx_pat
         fns = engine_steps(model, preset, onnx_path, threads)
         fns["nemo"]()
         fns["nemo"]()
+    return _vm_hwm_mb()
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak resident memory. (ru_maxrss survives exec: a child would report its parent's.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
