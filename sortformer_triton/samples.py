@@ -61,7 +61,7 @@ def conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: fl
             audio[a:b] += 0.25 * _voice(rng, b - a, spk)
             turns.append(Turn(start, end, spk))
         if rng.random() < overlap and n_speakers > 1:
-            pos = end - rng.uniform(0.2, 0.8)  # the next speaker cuts in
+            pos = max(0.0, end - rng.uniform(0.2, 0.8))  # the next speaker cuts in
         else:
             pos = end + rng.uniform(0.1, 1.2)
         spk = (spk + int(rng.integers(1, n_speakers))) % n_speakers if n_speakers > 1 else 0

@@ -1,0 +1,35 @@
+"""Typed client library of the Streaming Sortformer diarization service on Triton.
+
+One library for the ``diarize`` CLI, the tests, load tests and gateways. It imports ``sortformer_triton``
+(presets, tensor contract, stream protocol, segment codec) and tritonclient; never ``export``, torch or
+NeMo.
+
+Public API::
+
+    DiarizationClient(url, protocol="grpc" | "grpc-stream" | "http", preset="low", timeout=60.0,
+                      max_in_flight=1)
+        .check() / .served_presets()
+        .open_stream(sequence_id=None, segment_params=None, on_update=None) -> Stream
+        .diarize(audio, sample_rate=16000, progress=None, segment_params=None) -> Result
+        .diarize_file(path_or_array, sample_rate=None, progress=None, segment_params=None) -> Result
+    Stream.feed(samples, sample_rate=16000) -> list[Update];  Stream.close() -> Result;  Stream.abort()
+    Update, Result, Segment;  StepChunker;  RTTM/JSON writers;  errors: DiarizationError,
+    ServerUnavailable, ModelUnavailable, StreamError, RequestTimeout
+"""
+from sortformer_triton.timeline import Segment
+
+from .audio import Resampler, load_audio, resample_to_16k, resampled_length, to_mono_float32
+from .chunker import StepChunker
+from .client import DEFAULT_TIMEOUT_S, DiarizationClient, Stream, new_sequence_id
+from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
+from .results import Result, Update, speaker_label
+from .rttm import Turn, parse_rttm, read_rttm, rttm_lines, safe_uri, write_json, write_rttm
+from .transport import PROTOCOLS, normalize_url
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "PROTOCOLS",
+    "RequestTimeout", "Resampler", "Result", "Segment", "ServerUnavailable", "StepChunker", "Stream",
+    "StreamError", "Turn", "Update", "load_audio", "new_sequence_id", "normalize_url", "parse_rttm",
+    "read_rttm", "resample_to_16k", "resampled_length", "rttm_lines", "safe_uri", "speaker_label",
+    "to_mono_float32", "write_json", "write_rttm",
+]
