@@ -1,0 +1,1 @@
+"""perf_analyzer sequence-mode sweeps against ``diarizer_<preset>`` (input data + runner)."""

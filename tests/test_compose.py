@@ -1,0 +1,341 @@
+"""docker-compose.yml and the production repository it serves.
+
+No docker engine runs here: ``docker compose config`` validates the file where the compose plugin
+exists (skipped otherwise), and a structural check with PyYAML always runs. The production repository
+(what the NGC tritonserver loads) is the session's tiny export (``tests/fixtures_models.py``:
+``tiny_repository``), and every onnxruntime model's
+config is checked against its ONNX graph with ``onnx``: inputs, outputs and implicit-state names,
+dtypes and dims (batch dimension dynamic), opset <= 20 (NGC 24.10 = ORT 1.19), a zero initial_state
+per state, and Triton's name-sorted state pairing rule.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import yaml
+
+from sortformer_triton import contract, repository
+from sortformer_triton.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+MAX_OPSET = 20
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: Dict[str, str]) -> Any:
+    """Compose's ${VAR:-default} interpolation (what `docker compose config` would print)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> Dict[str, Any]:
+    return _interpolate(yaml.safe_load(COMPOSE.read_text()), {})
+
+
+def _services(compose: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    return compose["services"]
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    proc = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
+    return proc.returncode == 0
+
+
+# ---- the compose file ------------------------------------------------------------------------------
+@pytest.mark.skipif(not _docker_compose_available(), reason="the docker compose plugin is not installed here")
+@pytest.mark.parametrize("profiles", [[], ["gpu"], ["gateway"]])
+def test_docker_compose_config(profiles: List[str]) -> None:
+    args = ["docker", "compose", "-f", str(COMPOSE)] + [a for p in profiles for a in ("--profile", p)]
+    proc = subprocess.run(args + ["config", "--quiet"], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_services_and_profiles(compose: Dict[str, Any]) -> None:
+    services = _services(compose)
+    assert set(services) == {"export", "triton", "export-gpu", "triton-gpu", "gateway"}
+    default = {n for n, s in services.items() if not s.get("profiles")}
+    assert default == {"export", "triton"}  # `docker compose up` = CPU export + CPU server
+    assert services["export-gpu"]["profiles"] == ["gpu"] and services["triton-gpu"]["profiles"] == ["gpu"]
+    assert services["gateway"]["profiles"] == ["gateway"]
+    assert set(compose["volumes"]) == {"models", "models-gpu", "hf-cache"}
+
+
+def test_compose_export_services(compose: Dict[str, Any]) -> None:
+    services = _services(compose)
+    for name, kind, volume in (("export", "KIND_CPU", "models"), ("export-gpu", "KIND_GPU", "models-gpu")):
+        svc = services[name]
+        assert svc["build"]["dockerfile"] == "docker/export.Dockerfile"
+        assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+        assert svc["command"] == ["python", "docker/export_once.py", "--out", "/models"]
+        assert svc["restart"] == "no"  # one-shot
+        assert svc["user"] == "1000:1000"
+        env = svc["environment"]
+        assert env["SORTFORMER_INSTANCE_KIND"] == kind
+        assert env["PYTHONPATH"] == "/opt/sortformer"
+        assert env["SORTFORMER_MODEL"] == "nvidia/diar_streaming_sortformer_4spk-v2.1"
+        assert f"{volume}:/models" in svc["volumes"]  # the named volume caches the export
+        for src in ("export", "sortformer_triton", "python_backend", "docker/export_once.py"):
+            assert f"./{src}:/opt/sortformer/{src}:ro" in svc["volumes"]
+            assert (ROOT / src).exists()
+
+
+def _assert_server(svc: Dict[str, Any], volume: str, host_ports: Tuple[str, str, str]) -> None:
+    assert svc["image"] == NGC_IMAGE
+    assert svc["user"] == "1000:1000"  # the image's non-root triton-server user
+    cmd = svc["command"]
+    assert cmd[0] == "tritonserver"
+    assert "--model-repository=/models/production" in cmd
+    assert "--model-control-mode=none" in cmd
+    assert f"{volume}:/models:ro" in svc["volumes"]
+    assert "./sortformer_triton:/opt/sortformer/sortformer_triton:ro" in svc["volumes"]
+    assert svc["environment"]["PYTHONPATH"] == "/opt/sortformer"
+    test = " ".join(svc["healthcheck"]["test"])
+    assert "/v2/health/ready" in test and "8000" in test
+    assert [f"127.0.0.1:{h}:{c}" for h, c in zip(host_ports, ("8000", "8001", "8002"))] == svc["ports"]
+    assert svc["shm_size"]
+
+
+def test_compose_cpu_server(compose: Dict[str, Any]) -> None:
+    svc = _services(compose)["triton"]
+    _assert_server(svc, "models", ("8000", "8001", "8002"))
+    assert svc["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
+    assert "deploy" not in svc  # CPU by default
+
+
+def test_compose_gpu_server(compose: Dict[str, Any]) -> None:
+    svc = _services(compose)["triton-gpu"]
+    _assert_server(svc, "models-gpu", ("8100", "8101", "8102"))
+    assert svc["depends_on"] == {"export-gpu": {"condition": "service_completed_successfully"}}
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_gateway(compose: Dict[str, Any]) -> None:
+    svc = _services(compose)["gateway"]
+    assert svc["command"][:3] == ["python", "-m", "clients.gateway"]
+    assert svc["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert svc["ports"] == ["127.0.0.1:8080:8080"]
+    assert svc["user"] == "1000:1000"
+    assert (ROOT / svc["build"]["dockerfile"]).is_file()
+    assert "./clients:/opt/sortformer/clients:ro" in svc["volumes"]
+
+
+def test_compose_ports_follow_the_bind_variable() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text())
+    exposed = _interpolate(raw, {"TRITON_BIND": "0.0.0.0", "TRITON_GRPC_PORT": "9001"})
+    assert exposed["services"]["triton"]["ports"][1] == "0.0.0.0:9001:8001"
+
+
+def test_dockerfiles_send_only_requirements() -> None:
+    for name, keep in (("export", ["!requirements.txt", "!requirements-export.txt"]),
+                       ("gateway", ["!requirements.txt"])):
+        lines = [line.strip() for line in (ROOT / "docker" / f"{name}.Dockerfile.dockerignore").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+        assert lines == ["*", *keep]
+    text = (ROOT / "docker" / "export.Dockerfile").read_text()
+    assert "download.pytorch.org/whl/cpu" in text and "USER 1000:1000" in text
+
+
+# ---- the one-shot export entrypoint ------------------------------------------------------------------
+def _load_export_once():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_once", ROOT / "docker" / "export_once.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_once_command_parses_with_the_exporter() -> None:
+    from export.__main__ import parse_args
+
+    once = _load_export_once()
+    conf = once.settings({"SORTFORMER_MODEL": "tiny", "SORTFORMER_PRESETS": "low, high",
+                          "SORTFORMER_INSTANCE_KIND": "KIND_GPU", "SORTFORMER_MAX_CANDIDATE_SEQUENCES": "32"})
+    cmd = once.export_command(conf, Path("/models"))
+    assert cmd[1:3] == ["-m", "export"]
+    args = parse_args(cmd[3:])
+    assert (args.model, args.flavour, args.instance_kind) == ("tiny", "production", "KIND_GPU")
+    assert args.preset == ["low", "high"] and args.max_candidate_sequences == 32 and args.max_batch_size == 8
+    assert once.settings({})["model"] == "nvidia/diar_streaming_sortformer_4spk-v2.1"
+
+
+def test_export_once_skips_a_cached_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    once = _load_export_once()
+    monkeypatch.setenv("SORTFORMER_MODEL", "tiny")
+    (tmp_path / "production").mkdir()
+    (tmp_path / "production" / "export_info.json").write_text("{}")
+    stamp = {"settings": once.settings(), "sources": once.sources_hash()}
+    (tmp_path / once.STAMP).write_text(json.dumps(stamp))
+    calls: List[List[str]] = []
+    monkeypatch.setattr(once.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    assert once.main(["--out", str(tmp_path)]) == 0
+    assert calls == [] and "up to date" in capsys.readouterr().out
+    monkeypatch.setenv("SORTFORMER_MAX_BATCH_SIZE", "4")  # a changed setting exports again
+    assert once.main(["--out", str(tmp_path)]) == 0
+    assert len(calls) == 1 and "--max-batch-size" in calls[0] and calls[0][calls[0].index("--max-batch-size") + 1] == "4"
+    assert json.loads((tmp_path / once.STAMP).read_text())["settings"]["max_batch_size"] == 4
+
+
+# ---- the production repository vs its ONNX graphs ----------------------------------------------------
+@pytest.fixture(scope="module")
+def production(tiny_repository: Path) -> Path:
+    return tiny_repository / "production"
+
+
+_ONNX_TYPES = {"TYPE_FP32": 1, "TYPE_INT32": 6, "TYPE_INT64": 7}  # onnx.TensorProto FLOAT, INT32, INT64
+
+
+def _graph_tensors(values) -> Dict[str, Tuple[int, List[Any]]]:
+    out = {}
+    for v in values:
+        dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                for d in v.type.tensor_type.shape.dim]
+        out[v.name] = (v.type.tensor_type.elem_type, dims)
+    return out
+
+
+def _expect(config_tensors) -> Dict[str, Tuple[int, List[int]]]:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return {t.name: (_ONNX_TYPES[mc.DataType.Name(t.data_type)], list(t.dims)) for t in config_tensors}
+
+
+def _assert_matches(model: str, side: str, expected: Dict[str, Tuple[int, List[int]]],
+                    graph: Dict[str, Tuple[int, List[Any]]]) -> None:
+    assert set(expected) == set(graph), f"{model} {side}: config {sorted(expected)} vs graph {sorted(graph)}"
+    for name, (dtype, dims) in expected.items():
+        g_type, g_dims = graph[name]
+        assert g_type == dtype, f"{model} {side} {name}: dtype {g_type} vs config {dtype}"
+        assert isinstance(g_dims[0], str) or g_dims[0] in (None, 0), \
+            f"{model} {side} {name}: batch dim must be dynamic, got {g_dims[0]}"
+        assert len(g_dims) == len(dims) + 1, f"{model} {side} {name}: rank {len(g_dims)} vs config {dims}"
+        # a non-batch dim the exporter left symbolic is dynamic for Triton (matches any config dim); its
+        # runtime size is checked in test_production_graphs_run_with_config_shapes
+        for g, c in zip(g_dims[1:], dims):
+            assert g == c or isinstance(g, str) or g in (None, 0), \
+                f"{model} {side} {name}: dims {g_dims[1:]} vs config {dims}"
+
+
+def test_production_repository_layout(production: Path) -> None:
+    names = {p.name for p in production.iterdir() if p.is_dir()}
+    expected = {contract.POSTPROCESSOR}
+    for p in PRESETS.values():
+        expected |= {contract.ensemble_name(p), contract.preprocessor_name(p), contract.sortformer_name(p)}
+    assert names == expected
+    for name in names:
+        config = repository.parse((production / name / "config.pbtxt").read_text())
+        assert config.name == name
+        assert (production / name / "1").is_dir()
+        if config.platform == "ensemble":
+            for step in config.ensemble_scheduling.step:
+                assert step.model_name in names
+        elif config.backend == "python":
+            assert name == contract.POSTPROCESSOR
+            assert (production / name / "1" / "model.py").is_file()
+        else:
+            assert config.backend == "onnxruntime", name
+            assert (production / name / "1" / config.default_model_filename).is_file()
+
+
+def test_production_configs_match_onnx_graphs(production: Path) -> None:
+    import onnx
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    checked = 0
+    for config_path in sorted(production.glob("*/config.pbtxt")):
+        config = repository.parse(config_path.read_text())
+        if config.backend != "onnxruntime":
+            continue
+        model = onnx.load(str(config_path.parent / "1" / config.default_model_filename), load_external_data=False)
+        opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+        assert opsets.get("ai.onnx", 0) <= MAX_OPSET, f"{config.name}: opset {opsets}"
+        sb = config.sequence_batching
+        states = list(sb.state)
+        assert states, f"{config.name}: production stateful models keep implicit state"
+        assert config.max_batch_size >= 1
+        # inputs: declared inputs + state inputs + control inputs; outputs: declared + state outputs
+        exp_in = _expect(config.input)
+        exp_out = _expect(config.output)
+        for s in states:
+            dtype = _ONNX_TYPES[mc.DataType.Name(s.data_type)]
+            exp_in[s.input_name] = (dtype, list(s.dims))
+            exp_out[s.output_name] = (dtype, list(s.dims))
+            assert len(s.initial_state) == 1, f"{config.name}: {s.input_name} without initial_state"
+            init = s.initial_state[0]
+            assert init.zero_data and list(init.dims) == list(s.dims) and init.data_type == s.data_type
+            assert min(s.dims) >= 1
+        for control in sb.control_input:
+            assert control.control[0].int32_false_true == [0, 1]
+            exp_in[control.name] = (_ONNX_TYPES["TYPE_INT32"], [1])
+        assert {c.name for c in sb.control_input} == {contract.START}  # no CORRID/END: those are local-only
+        assert "state_spec" not in config.parameters
+        _assert_matches(config.name, "inputs", exp_in, _graph_tensors(model.graph.input))
+        _assert_matches(config.name, "outputs", exp_out, _graph_tensors(model.graph.output))
+        # Triton pairs state inputs and outputs by position in name-sorted order (server #8586)
+        ins = sorted(s.input_name for s in states)
+        outs = sorted(s.output_name for s in states)
+        for s in states:
+            assert ins.index(s.input_name) == outs.index(s.output_name), f"{config.name}: {s.input_name} pairs crosswise"
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        checked += 1
+    assert checked == 2 * len(PRESETS)
+
+
+def test_production_graphs_run_with_config_shapes(production: Path) -> None:
+    """Every onnxruntime model, fed zeros shaped by its config (batch 2, START=1, zero states), returns
+    exactly the config's output and state shapes and dtypes (what Triton checks at run time)."""
+    import numpy as np
+    import onnxruntime as ort
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    np_types = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64}
+    batch = 2
+    for config_path in sorted(production.glob("*/config.pbtxt")):
+        config = repository.parse(config_path.read_text())
+        if config.backend != "onnxruntime":
+            continue
+        session = ort.InferenceSession(str(config_path.parent / "1" / config.default_model_filename),
+                                       providers=["CPUExecutionProvider"])
+        feeds = {t.name: np.zeros([batch, *t.dims], np_types[mc.DataType.Name(t.data_type)]) for t in config.input}
+        for s in config.sequence_batching.state:
+            feeds[s.input_name] = np.zeros([batch, *s.dims], np_types[mc.DataType.Name(s.data_type)])
+        feeds[contract.START] = np.ones([batch, 1], np.int32)
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(names, feeds)))
+        expected = {t.name: (t.data_type, list(t.dims)) for t in config.output}
+        expected.update({s.output_name: (s.data_type, list(s.dims)) for s in config.sequence_batching.state})
+        assert set(outputs) == set(expected), config.name
+        for name, (dtype, dims) in expected.items():
+            value = outputs[name]
+            assert list(value.shape) == [batch, *dims], f"{config.name} {name}: {value.shape} vs {dims}"
+            assert value.dtype == np_types[mc.DataType.Name(dtype)], f"{config.name} {name}: {value.dtype}"
+
+
+def test_gpu_export_sets_kind_gpu_on_the_onnx_models_only() -> None:
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    configs = repository.model_configs("production", list(PRESETS.values()), 64, instance_kind="KIND_GPU")
+    for name, config in configs.items():
+        if config.backend == "onnxruntime":
+            assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU, name
+        elif config.backend == "python":
+            assert all(g.kind != mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group), name
