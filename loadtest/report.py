@@ -9,10 +9,10 @@ What one run measures, on this machine, in this order (so every ratio comes from
    (``--max-batch-size 8``) and off (``--max-batch-size 1``), both with enough sequence slots
    (``--max-candidate-sequences``) for the capacity search;
 2. **in-process ONNX loop**: the preprocessor and sortformer ONNX files of the batching-on repository,
-   run with ``export.reference.StatefulGraph`` + ``ort_fn`` (same files, same 2 intra-op threads as the
-   local Python-backend runner), streams in lock step: 1 stream, and 8 streams batched per call. (This
-   is the one place ``loadtest`` imports ``export``; it needs torch installed. The loop has no
-   postprocessor, no gRPC and no scheduling: that is the overhead measured.)
+   run with ``sortformer_triton.inprocess.StatefulGraph`` + ``ort_fn`` (same files, same 2 intra-op threads as the
+   local Python-backend runner), streams in lock step: 1 stream, and 8 streams batched per call. (numpy
+   and onnxruntime only. The loop has no postprocessor, no gRPC and no scheduling: that is the overhead
+   measured.)
 3. against the local tritonserver on the batching-on repository, per preset: perf_analyzer at
    concurrency 1 and 8 (sequence mode, ``-s 25 -p 3000``), then the **capacity search**: paced locust
    users (``loadtest.locust``), each a live stream at real time; a stream count passes when there is no
@@ -78,14 +78,14 @@ class InProcess:
 def inprocess_loop(preset: Preset, repo: Path, emb_dim: int, concurrency: int, min_seconds: float = 8.0,
                    min_steps: int = 20, max_seconds: float = 60.0, warmup_steps: int = 2,
                    threads: int = 2) -> InProcess:
-    """Streams in lock step through the two stateful ONNX graphs, as ``export.reference`` does.
+    """Streams in lock step through the two stateful ONNX graphs, as ``sortformer_triton.inprocess`` does.
 
     Every global step runs one batched preprocessor call and one batched sortformer call for all
     ``concurrency`` streams; a stream that ends starts again (new id, START), so the batch stays full.
     Timed after ``warmup_steps``, for at least ``min_seconds`` and ``min_steps`` steps (fewer, but at
     least 3, when that would take longer than ``max_seconds``: full-size batches take seconds each).
     """
-    from export.reference import StatefulGraph, ort_fn  # noqa: WPS433 - see the module docstring
+    from sortformer_triton.inprocess import StatefulGraph, ort_fn
 
     pre = StatefulGraph(ort_fn(str(repo / contract.preprocessor_name(preset) / "1" / "model.onnx"), threads),
                         contract.preprocessor_io(preset))
