@@ -85,7 +85,7 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray) -> NemoResult:
     return NemoResult(preds=total[0].numpy(), steps=steps, compressions=counter["n"])
 
 
-def torch_fn(module: torch.nn.Module, io: contract.ModelIO, start_first: bool = True) -> GraphFn:
+def torch_fn(module: torch.nn.Module, io: contract.ModelIO) -> GraphFn:
     """Call a graph module with named numpy feeds, returning named numpy outputs."""
     in_names = [t.name for t in io.inputs] + [contract.START] + [s.name for s in io.states]
     out_names = [t.name for t in io.outputs] + [contract.STATE_OUT_PREFIX + s.name for s in io.states]

@@ -6,6 +6,7 @@ already running (``--url``) or the embedded local tritonserver started for a rep
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
@@ -112,6 +113,16 @@ class Endpoint:
 
     def for_protocol(self, protocol: str) -> str:
         return self.http if protocol == "http" else self.grpc
+
+
+def add_server_arguments(ap: argparse.ArgumentParser, url_help: str) -> None:
+    """The options ``serve`` takes: a running server (--url) or a repository to serve locally, and the
+    presets to drive."""
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help=url_help)
+    where.add_argument("--model-repository", type=Path,
+                       help="start the local tritonserver (nvidia-pytriton) on this repository, e.g. build/tiny/local")
+    ap.add_argument("--preset", action="append", help="preset(s): repeatable, comma list or 'all' (default low)")
 
 
 @contextlib.contextmanager

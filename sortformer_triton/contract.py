@@ -10,7 +10,7 @@ State tensors: an ONNX graph input ``name`` pairs with output ``STATE_OUT_PREFIX
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from .presets import N_MELS, N_SPEAKERS, Preset
 
@@ -162,10 +162,6 @@ def ensemble_io(p: Preset) -> ModelIO:
     by = {t.name: t for t in sf.outputs + post.outputs + pre.outputs}
     names = [CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED, SEGMENTS, N_SEGMENTS]
     return ModelIO(inputs=list(pre.inputs), outputs=[by[n] for n in names])
-
-
-def all_state_names(io: ModelIO) -> Dict[str, str]:
-    return dict(io.state_pairs())
 
 
 def tensor_table_markdown() -> str:

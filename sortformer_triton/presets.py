@@ -81,13 +81,6 @@ class Preset:
         """Most frames moved from the FIFO to the speaker cache in one step (NeMo's max_pop_out_len)."""
         return min(max(self.spkcache_update_period, self.chunk_len), self.chunk_len + self.fifo_len)
 
-    @property
-    def step_delay(self) -> int:
-        """Requests between a chunk's audio and its confirmation (waiting for right context)."""
-        # After request j (0-based) the exact mel frames are those with i*160+200 <= samples, i.e.
-        # (j+1)*chunk_mel - 1 of them; chunk k needs (k+1)*chunk_mel + right_context*8.
-        return math.ceil((self.right_context * SUBSAMPLING + 1) / self.chunk_mel_frames)
-
     def to_dict(self) -> Dict[str, int | str]:
         return dataclasses.asdict(self)
 
@@ -163,15 +156,11 @@ def requests_for(preset: Preset, n_samples: int) -> int:
     is an exact multiple, so the server learns the audio ended). Flush steps (0 valid samples) follow
     until every chunk has been processed: the server runs at most one chunk per request.
     """
-    full, rest = divmod(n_samples, preset.step_samples)
-    audio_requests = full + 1  # the last carries `rest` samples, possibly 0: it marks the end of audio
-    n_chunks = chunks_for(preset, n_samples)
-    # chunks processed by the time the end-of-audio request arrives (before it): those whose
-    # window was complete after `full` full steps
-    done_before_end = _chunks_ready(preset, full * preset.step_samples)
-    remaining = n_chunks - done_before_end
-    # the end-of-audio request and each flush request run one chunk
-    return full + max(remaining, 1) if remaining > 0 else audio_requests
+    full = n_samples // preset.step_samples  # then one request with the rest (possibly 0): end of audio
+    # chunks still to run when that end-of-audio request arrives (the earlier ones ran on full windows);
+    # it and each flush request run one, and it is sent even when none is left
+    remaining = chunks_for(preset, n_samples) - _chunks_ready(preset, full * preset.step_samples)
+    return full + max(remaining, 1)
 
 
 def _chunks_ready(preset: Preset, samples: int) -> int:

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 from sortformer_triton.presets import Preset
 
-from ..common import REPO_ROOT, machine_info, parse_int_list, parse_presets, results_dir, serve, timestamp
+from ..common import (REPO_ROOT, add_server_arguments, machine_info, parse_int_list, parse_presets, results_dir, serve,
+                      timestamp)
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 DEFAULT_STOP_TIMEOUT_S = 30
@@ -174,11 +175,7 @@ def write_summary(summaries: Sequence[LocustSummary], out_dir: Path, meta: Dict[
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.locust.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="host:port of a running server (gRPC port unless --protocol http)")
-    where.add_argument("--model-repository", type=Path,
-                       help="start the local tritonserver (nvidia-pytriton) on this repository, e.g. build/tiny/local")
-    ap.add_argument("--preset", action="append", help="preset(s): repeatable, comma list or 'all' (default low)")
+    add_server_arguments(ap, "host:port of a running server (gRPC port unless --protocol http)")
     ap.add_argument("--users", default="2", help="live streams: 4, a list 1,2,4 or start:end:step (default 2)")
     ap.add_argument("--run-time", type=float, default=30.0, help="seconds per run (default %(default)s)")
     ap.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence
 from sortformer_triton import contract
 from sortformer_triton.presets import Preset
 
-from ..common import (REPO_ROOT, machine_info, parse_int_list, parse_presets, random_sequence_base,
+from ..common import (REPO_ROOT, add_server_arguments, machine_info, parse_int_list, parse_presets, random_sequence_base,
                       results_dir, serve, timestamp)
 from .make_input_data import write_input_data
 
@@ -273,11 +273,7 @@ def check_binary() -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m loadtest.perf_analyzer.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="gRPC host:port of a running server (e.g. 127.0.0.1:8001)")
-    where.add_argument("--model-repository", type=Path,
-                       help="start the local tritonserver (nvidia-pytriton) on this repository, e.g. build/tiny/local")
-    ap.add_argument("--preset", action="append", help="preset(s): repeatable, comma list or 'all' (default low)")
+    add_server_arguments(ap, "gRPC host:port of a running server (e.g. 127.0.0.1:8001)")
     ap.add_argument("--mode", choices=[*MODES, "both"], default="both")
     ap.add_argument("--concurrency", default="1,2,4,8", help="concurrency levels: 1,2,4 or start:end:step (default %(default)s)")
     ap.add_argument("--streams", default="1,2,4,8",
