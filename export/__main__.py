@@ -63,6 +63,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="sequence slots per stateful model (default %(default)s); size above your peak streams")
     ap.add_argument("--instance-kind", choices=repository.INSTANCE_KINDS, default="KIND_CPU",
                     help="production instance kind for the ONNX models (default KIND_CPU)")
+    ap.add_argument("--sequence-idle-seconds", type=int, default=None,
+                    help="seconds without a request after which Triton ends a sequence and frees its slot "
+                         f"(default: per preset, {repository.IDLE_STEPS} steps and at least "
+                         f"{repository.IDLE_MIN_SECONDS} s)")
     custom = ap.add_argument_group("custom preset", "add a preset of your own (all sizes in 80 ms frames)")
     custom.add_argument("--custom-name", help="name of the custom preset (lower-case letters, digits, _)")
     custom.add_argument("--chunk-len", type=int)
@@ -161,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = export_repository(
             model, args.model, args.out, presets, flavours,
             max_batch_size=args.max_batch_size, max_candidate_sequences=args.max_candidate_sequences,
-            instance_kind=args.instance_kind,
+            instance_kind=args.instance_kind, sequence_idle_seconds=args.sequence_idle_seconds,
         )
     except (SourceError, PresetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

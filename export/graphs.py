@@ -21,7 +21,15 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from sortformer_triton.contract import AUDIO_TAIL_SAMPLES
+from sortformer_triton.contract import (
+    AUDIO_TAIL_SAMPLES,
+    ERR_AFTER_END,
+    ERR_AMPLITUDE,
+    ERR_LENGTH_NEGATIVE,
+    ERR_LENGTH_OVER_STEP,
+    ERR_NOT_FINITE,
+    MAX_ABS_AMPLITUDE,
+)
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, N_SPEAKERS, SUBSAMPLING, WIN_SAMPLES, Preset
 
 NEG_INF = float("-inf")
@@ -112,9 +120,12 @@ class StreamingFeatures(nn.Module):
         b = audio.shape[0]
         seen, done_frames, chunk_idx, ended = counters[:, 0], counters[:, 1], counters[:, 2], counters[:, 3]
 
+        error = self.input_error(audio, audio_length, ended)
+        bad = error != 0
+        # a refused request changes nothing: no samples, no end of audio, no chunk, every state passed on
         valid = audio_length.reshape(b).to(torch.int64).clamp(0, self.step)
-        valid = torch.where(ended != 0, torch.zeros_like(valid), valid)  # audio after the end is ignored
-        new_ended = torch.where((ended != 0) | (valid < self.step), torch.ones_like(ended), torch.zeros_like(ended))
+        valid = torch.where(bad | (ended != 0), torch.zeros_like(valid), valid)
+        new_ended = torch.where((ended != 0) | ((valid < self.step) & ~bad), torch.ones_like(ended), torch.zeros_like(ended))
         t = _arange(self.step, audio).unsqueeze(0)
         x = torch.where(t < valid.unsqueeze(1), audio, torch.zeros_like(audio))
 
@@ -157,7 +168,7 @@ class StreamingFeatures(nn.Module):
         chunk_end = (chunk_idx + 1) * self.chunk_mel
         full = new_done >= chunk_end + self.right_mel
         tail = (new_ended != 0) & (chunk_idx * self.chunk_mel < new_done)
-        ready = full | tail
+        ready = (full | tail) & ~bad
         win_end = torch.minimum(chunk_end + self.right_mel, new_done)
         feat_len = torch.where(ready, win_end - b0, torch.zeros_like(b0)).clamp(0, self.window_frames)
         w = _arange(self.window_frames, audio).unsqueeze(0)
@@ -175,15 +186,35 @@ class StreamingFeatures(nn.Module):
         tail_idx = valid.unsqueeze(1) + _arange(AUDIO_TAIL_SAMPLES, audio).unsqueeze(0)
         out_tail = torch.gather(raw, 1, tail_idx)
         out_counters = torch.stack([total, new_done, new_chunk, new_ended], dim=1)
+        keep = bad.unsqueeze(1)
         return (
             window,
             feat_len.unsqueeze(1),
             torch.where(ready, left, torch.zeros_like(left)).unsqueeze(1),
             chunk_idx.unsqueeze(1),
             finished.to(torch.int32).unsqueeze(1),
-            out_tail,
-            out_buf,
-            out_counters,
+            error.to(torch.int32).unsqueeze(1),
+            torch.where(keep, audio_tail, out_tail),
+            torch.where(keep.unsqueeze(2), feat_buffer, out_buf),
+            torch.where(keep, counters, out_counters),
+        )
+
+    def input_error(self, audio: Tensor, audio_length: Tensor, ended: Tensor) -> Tensor:
+        """[B] int64 bit mask of what is wrong with each request (contract.ERR_*; 0 = valid)."""
+        b = audio.shape[0]
+        length = audio_length.reshape(b).to(torch.int64)
+        finite = ~(torch.isnan(audio) | torch.isinf(audio))
+        zero = torch.zeros_like(length)
+
+        def flag(condition: Tensor, bit: int) -> Tensor:
+            return torch.where(condition, torch.full_like(length, bit), zero)
+
+        return (
+            flag(length < 0, ERR_LENGTH_NEGATIVE)
+            + flag(length > self.step, ERR_LENGTH_OVER_STEP)
+            + flag(~finite.all(dim=1), ERR_NOT_FINITE)
+            + flag((finite & (audio.abs() > MAX_ABS_AMPLITUDE)).any(dim=1), ERR_AMPLITUDE)
+            + flag((ended != 0) & (length > 0), ERR_AFTER_END)
         )
 
 

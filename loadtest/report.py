@@ -85,12 +85,9 @@ def inprocess_loop(preset: Preset, repo: Path, emb_dim: int, concurrency: int, m
     Timed after ``warmup_steps``, for at least ``min_seconds`` and ``min_steps`` steps (fewer, but at
     least 3, when that would take longer than ``max_seconds``: full-size batches take seconds each).
     """
-    from sortformer_triton.inprocess import StatefulGraph, ort_fn
+    from sortformer_triton.inprocess import repository_graphs
 
-    pre = StatefulGraph(ort_fn(str(repo / contract.preprocessor_name(preset) / "1" / "model.onnx"), threads),
-                        contract.preprocessor_io(preset))
-    step = StatefulGraph(ort_fn(str(repo / contract.sortformer_name(preset) / "1" / "model.onnx"), threads),
-                         contract.sortformer_io(preset, emb_dim))
+    pre, step = repository_graphs(repo, preset, emb_dim, threads)
     seconds = default_seconds(preset)
     plans = [list(iter_steps(preset, stream_audio(i, seconds))) for i in range(concurrency)]
     position = [0] * concurrency

@@ -10,7 +10,7 @@ State tensors: an ONNX graph input ``name`` pairs with output ``STATE_OUT_PREFIX
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .presets import N_MELS, N_SPEAKERS, Preset
 
@@ -63,6 +63,7 @@ FRAME_OFFSET = "FRAME_OFFSET"
 SEGMENTS = "SEGMENTS"
 N_SEGMENTS = "N_SEGMENTS"
 FINISHED = "FINISHED"
+INPUT_ERROR = "INPUT_ERROR"  # preprocessor -> postprocessor: why a request's audio was refused (0 = valid)
 
 # preprocessor -> sortformer
 FEATURES = "FEATURES"
@@ -85,6 +86,44 @@ def sortformer_name(preset: Preset) -> str:
 
 POSTPROCESSOR = "postprocessor"
 
+# ---- input validation ------------------------------------------------------------------------------
+# The preprocessor graph checks every request's audio and reports what is wrong as a bit mask in
+# INPUT_ERROR; a refused request changes no state (the stream may go on with a corrected request) and the
+# postprocessor answers it with an error naming the problems. Checked in the graph, so production (the
+# onnxruntime backend, which cannot raise errors) and local serving refuse exactly the same requests.
+MAX_ABS_AMPLITUDE = 4.0  # |sample| limit: audio is float in [-1, 1]; 12 dB of headroom for resampler overshoot
+ERR_LENGTH_NEGATIVE = 1  # AUDIO_LENGTH < 0
+ERR_LENGTH_OVER_STEP = 2  # AUDIO_LENGTH > the samples one step (AUDIO) holds
+ERR_NOT_FINITE = 4  # AUDIO holds NaN or +-Inf
+ERR_AMPLITUDE = 8  # AUDIO holds |sample| > MAX_ABS_AMPLITUDE (e.g. int16 PCM sent as float without scaling)
+ERR_AFTER_END = 16  # samples after the end of the audio (an earlier request had fewer than a full step)
+
+INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
+    (ERR_LENGTH_NEGATIVE, "AUDIO_LENGTH is negative"),
+    (ERR_LENGTH_OVER_STEP, "AUDIO_LENGTH is larger than the {step} one step holds (chunk_len x 1280)"),
+    (ERR_NOT_FINITE, "AUDIO holds NaN or infinite samples"),
+    (ERR_AMPLITUDE, "AUDIO holds samples beyond +-{limit:g} (float audio must be in [-1, 1]; scale integer "
+                    "PCM, e.g. int16 / 32768)"),
+    (ERR_AFTER_END, "audio after the end of the stream's audio (an earlier request had fewer valid samples than "
+                    "a full step, which ends the audio; only 0-sample flush steps may follow)"),
+)
+
+
+def describe_input_error(code: int, step_samples: Optional[int] = None) -> str:
+    """The problems an INPUT_ERROR bit mask reports, as one message ('' for 0)."""
+    code = int(code)
+    known = 0
+    parts = []
+    for bit, text in INPUT_ERRORS:
+        known |= bit
+        if code & bit:
+            step = "samples" if step_samples is None else f"{step_samples} samples"
+            parts.append(text.format(step=step, limit=MAX_ABS_AMPLITUDE))
+    if code & ~known:
+        parts.append(f"unknown input error bits {code & ~known:#x}")
+    return "; ".join(parts)
+
+
 # preprocessor state: the last raw samples (a frame reaches 616 samples back; pre-emphasis one more)
 AUDIO_TAIL_SAMPLES = 1024
 
@@ -101,6 +140,7 @@ def preprocessor_io(p: Preset) -> ModelIO:
             Tensor(LEFT_CONTEXT, "int64", (1,)),
             Tensor(CHUNK_INDEX, "int64", (1,)),
             Tensor(FINISHED, "int32", (1,)),
+            Tensor(INPUT_ERROR, "int32", (1,)),
         ],
         states=[
             Tensor("audio_tail", "float32", (AUDIO_TAIL_SAMPLES,)),
@@ -148,6 +188,7 @@ def postprocessor_io() -> ModelIO:
             Tensor(N_TENTATIVE, "int32", (1,)),
             Tensor(FRAME_OFFSET, "int64", (1,)),
             Tensor(FINISHED, "int32", (1,)),
+            Tensor(INPUT_ERROR, "int32", (1,)),
         ],
         outputs=[
             # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0)

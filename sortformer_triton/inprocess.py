@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -110,6 +111,18 @@ def ort_fn(path: str, threads: int = 2) -> GraphFn:
         return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
     return fn
+
+
+def repository_graphs(local_root: "str | Path", preset: Preset, emb_dim: int,
+                      threads: int = 2) -> Tuple[StatefulGraph, StatefulGraph]:
+    """The preset's preprocessor and sortformer graphs of an exported repository flavour (``.../local``)."""
+    root = Path(local_root)
+
+    def graph(name: str, io: contract.ModelIO) -> StatefulGraph:
+        return StatefulGraph(ort_fn(str(root / name / "1" / "model.onnx"), threads), io)
+
+    return (graph(contract.preprocessor_name(preset), contract.preprocessor_io(preset)),
+            graph(contract.sortformer_name(preset), contract.sortformer_io(preset, emb_dim)))
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -103,13 +103,21 @@ class Options:
 
 
 # ---- small builders -----------------------------------------------------------------------------
-def idle_timeout_us(preset: Preset) -> int:
-    """``max_sequence_idle_microseconds`` for a preset: whole seconds, strictly above IDLE_STEPS steps.
+def idle_timeout_us(preset: Preset, seconds: Optional[int] = None) -> int:
+    """``max_sequence_idle_microseconds`` for a preset: whole seconds, strictly above IDLE_STEPS steps
+    (at least IDLE_MIN_SECONDS), or ``seconds`` when given.
 
     Whole seconds so the Python models' ``state_ttl_seconds`` can equal it exactly; strictly above
-    IDLE_STEPS steps so a stream that is merely slow (one step late) is never reaped.
+    IDLE_STEPS steps so a stream that is merely slow (one step late) is never reaped. A given
+    ``seconds`` must exceed one step: a live stream sends a request per step, and a shorter timeout would
+    reap every stream between two of its requests.
     """
     step_us = preset.step_samples * 1_000_000 // SAMPLE_RATE
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds * 1_000_000 <= step_us:
+            raise ValueError(f"sequence idle timeout must be whole seconds longer than one step of preset "
+                             f"{preset.name!r} ({step_us / 1e6:g} s), got {seconds!r}")
+        return seconds * 1_000_000
     seconds = max(IDLE_MIN_SECONDS, IDLE_STEPS * step_us // 1_000_000 + 1)
     return seconds * 1_000_000
 
@@ -305,12 +313,12 @@ def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
     steps = [
         _step(c.preprocessor_name(preset), c.preprocessor_io(preset),
               [c.AUDIO, c.AUDIO_LENGTH],
-              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED]),
+              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR]),
         _step(c.sortformer_name(preset), c.sortformer_io(preset, 1),
               [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX],
               [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET]),
         _step(c.POSTPROCESSOR, c.postprocessor_io(),
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FINISHED],
+              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FINISHED, c.INPUT_ERROR],
               [c.SEGMENTS, c.N_SEGMENTS]),
     ]
     return mc.ModelConfig(
@@ -349,11 +357,13 @@ def model_configs(
     instance_count: int = 1,
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
     postprocessor_params: Optional[Mapping[str, Union[float, int]]] = None,
+    sequence_idle_seconds: Optional[int] = None,
 ) -> Configs:
     """Every model config of one repository, keyed by model name, validated as a whole.
 
     ``instance_kind`` applies to the stateful ONNX models (``KIND_GPU`` for a GPU deployment); the
-    postprocessor is plain Python and always runs on the CPU.
+    postprocessor is plain Python and always runs on the CPU. ``sequence_idle_seconds`` replaces the
+    per-preset idle timeout (``idle_timeout_us``) of every model.
     """
     _check_flavour(flavour)
     if emb_dim < 1:
@@ -361,15 +371,16 @@ def model_configs(
     chosen = _unique_presets(presets)
     opts = Options(max_batch_size, max_candidate_sequences, instance_kind, instance_count, intra_op_threads)
     configs: Configs = {}
+    idle_of = {p.name: idle_timeout_us(p, sequence_idle_seconds) for p in chosen}
     for p in chosen:
-        idle = idle_timeout_us(p)
+        idle = idle_of[p.name]
         configs[contract.preprocessor_name(p)] = stateful_model(
             contract.preprocessor_name(p), contract.preprocessor_io(p), flavour, idle, opts)
         configs[contract.sortformer_name(p)] = stateful_model(
             contract.sortformer_name(p), contract.sortformer_io(p, emb_dim), flavour, idle, opts)
         configs[contract.ensemble_name(p)] = ensemble_model(p, opts)
     configs[contract.POSTPROCESSOR] = postprocessor_model(
-        max(idle_timeout_us(p) for p in chosen), max_candidate_sequences * len(chosen), opts,
+        max(idle_of.values()), max_candidate_sequences * len(chosen), opts,
         postprocessor_params)
     for config in configs.values():
         if flavour == "production":
@@ -676,6 +687,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
     parser.add_argument("--max-candidate-sequences", type=int, default=DEFAULT_MAX_CANDIDATE_SEQUENCES)
     parser.add_argument("--instance-kind", choices=INSTANCE_KINDS, default="KIND_CPU")
+    parser.add_argument("--sequence-idle-seconds", type=int, default=None,
+                        help="max_sequence_idle_microseconds of every model, in seconds (default: per "
+                             f"preset, {IDLE_STEPS} steps and at least {IDLE_MIN_SECONDS} s)")
     parser.add_argument("--prune", action="store_true",
                         help="with --write: delete stale model dirs (including any exported files)")
     return parser.parse_args(argv)
@@ -685,7 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     presets = [PRESETS[n] for n in (args.preset or list(PRESETS))]
     kw = dict(max_batch_size=args.max_batch_size, max_candidate_sequences=args.max_candidate_sequences,
-              instance_kind=args.instance_kind)
+              instance_kind=args.instance_kind, sequence_idle_seconds=args.sequence_idle_seconds)
     status = 0
     for flavour in args.flavour or list(FLAVOURS):
         root = args.root / flavour

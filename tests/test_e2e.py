@@ -83,14 +83,9 @@ def _audio(preset: str, k: int, seconds: float, speakers: int) -> np.ndarray:
 
 
 def _onnx_graphs(repo: Path, preset: Preset, emb_dim: int):
-    from export.reference import StatefulGraph, ort_fn
+    from sortformer_triton.inprocess import repository_graphs
 
-    root = repo / "local"
-    pre = StatefulGraph(ort_fn(str(root / contract.preprocessor_name(preset) / "1" / "model.onnx")),
-                        contract.preprocessor_io(preset))
-    step = StatefulGraph(ort_fn(str(root / contract.sortformer_name(preset) / "1" / "model.onnx")),
-                         contract.sortformer_io(preset, emb_dim))
-    return pre, step
+    return repository_graphs(repo / "local", preset, emb_dim)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def _honour_pythonpath() -> None:
 _honour_pythonpath()
 
 from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
+from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
 from sortformer_triton.timeline import SegmentParams, parse_segment_params  # noqa: E402
@@ -103,6 +104,7 @@ class TritonPythonModel:
                     raise ValueError(
                         f"segment parameters can only be set on a sequence's START request "
                         f"(sequence {corrid} runs with {_differences(stream.params, params)})")
+            _refuse_bad_audio(request, end)
             return stream.step(
                 confirmed=_input(request, contract.CONFIRMED),
                 n_confirmed=_input(request, contract.N_CONFIRMED),
@@ -115,6 +117,16 @@ class TritonPythonModel:
         finally:
             if end:
                 self.store.pop(corrid)
+
+
+def _refuse_bad_audio(request: Any, end: bool) -> None:
+    """The preprocessor graph checked the request's audio (INPUT_ERROR): a refused request changed no
+    state anywhere, so the stream may go on; it gets an error that names the problems."""
+    code = int(_input(request, contract.INPUT_ERROR).reshape(-1)[0])
+    if code:
+        step = _input(request, contract.CONFIRMED).shape[-2] * FRAME_SAMPLES
+        after = "its END ended the stream" if end else "the stream is unchanged and may go on"
+        raise ValueError(f"request refused ({after}): {contract.describe_input_error(code, step)}")
 
 
 def _input(request: Any, name: str) -> np.ndarray:
