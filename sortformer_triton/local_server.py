@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Dict, List, Mapping, Optional, Sequence, Type
 
+from . import server_flags
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 DEFAULT_READY_TIMEOUT_S = 120.0
@@ -164,8 +166,10 @@ def error_lines(path: Path, limit: int = 20) -> str:
 class LocalTritonServer:
     """The wheel's tritonserver as a child process serving one model repository on loopback.
 
-    ``model_control_mode=none``: every model in the repository is loaded at start, and the server is
-    ready (``strict_readiness``) only when all of them are. Ports are picked free when not given.
+    Runs with ``server_flags.safe_flags``: ``model_control_mode=none`` (every model in the repository is
+    loaded at start), ready (``strict_readiness``) only when all of them are, the admin APIs (model
+    repository, shared memory, logging, trace) restricted to requests with the header
+    ``triton-admin-key: <admin_key>``. Ports are picked free when not given.
     ``kill_with_parent`` makes the kernel kill the server when the thread that started it exits
     (keep it on in tests; turn it off when starting from a short-lived thread).
 
@@ -185,8 +189,11 @@ class LocalTritonServer:
         extra_args: Sequence[str] = (),
         env: Optional[Mapping[str, str]] = None,
         kill_with_parent: bool = True,
+        admin_key: Optional[str] = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        # restricted admin APIs (server_flags): the key from the argument or the environment, else random
+        self.admin_key = admin_key or server_flags.admin_key()
         self._requested_ports = (http_port, grpc_port, metrics_port)
         self._ports = (0, 0, 0)
         self._log_path = Path(log_path).resolve() if log_path is not None else None
@@ -272,7 +279,6 @@ class LocalTritonServer:
         return [
             str(paths.binary),
             f"--model-repository={self.model_repository}",
-            "--model-control-mode=none",
             f"--backend-directory={paths.backends}",
             f"--cache-directory={paths.caches}",
             f"--http-address={LOOPBACK}",
@@ -282,10 +288,10 @@ class LocalTritonServer:
             f"--metrics-address={LOOPBACK}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            "--strict-readiness=true",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
+            *server_flags.safe_flags(self.admin_key),
         ]
 
     def _spawn(self, paths: TritonPaths) -> None:
@@ -293,7 +299,8 @@ class LocalTritonServer:
         env.update(self._extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            log.write(f"\n==== {' '.join(self._command(paths))}\n".encode())
+            shown = " ".join(self._command(paths)).replace(self.admin_key, "<admin key>")
+            log.write(f"\n==== {shown}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
                 self._command(paths),

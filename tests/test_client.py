@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -26,10 +26,12 @@ from clients.diarize.split import (
 )
 from clients.sortformer_client import (
     DiarizationClient,
+    NO_RETRY,
     ModelUnavailable,
     RequestTimeout,
     Resampler,
     Result,
+    RetryPolicy,
     Segment,
     ServerUnavailable,
     StepChunker,
@@ -205,6 +207,69 @@ def test_stream_context_manager_closes_on_success_and_aborts_on_error() -> None:
     assert transport.sent == []  # a sequence never started needs no END
 
 
+class FlakyTransport(RecordingTransport):
+    """Fails its first request with ``error`` (one transport per try, like a reconnect)."""
+
+    def __init__(self, preset: Preset, error: Optional[Exception], log: List[Tuple[str, int, bool]]) -> None:
+        super().__init__(preset)
+        self.error, self.log = error, log
+
+    def run(self, steps, sequence_id: int, parameters: Dict[str, Any]) -> Iterator[RawResponse]:
+        for index, step in steps:
+            self.log.append(("send", sequence_id, step.start))
+            if self.error is not None:
+                raise self.error
+            yield from super().run([(index, step)], sequence_id, parameters)
+
+    def abort(self, index: int, sequence_id: int) -> None:
+        self.log.append(("abort", sequence_id, False))
+
+
+@pytest.mark.parametrize("error", ["unavailable", "timeout", "refused"])
+def test_first_request_is_retried_on_a_new_sequence_id(error: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    preset = PRESETS["low"]
+    errors = {"unavailable": ServerUnavailable("u:1", "grpc", "connection refused"),
+              "timeout": RequestTimeout("no answer in time"), "refused": StreamError("bad request")}
+    log: List[Tuple[str, int, bool]] = []
+    failures = [errors[error], errors[error]]  # the first two tries fail
+    client = DiarizationClient("127.0.0.1:1", preset=preset, retry=RetryPolicy(attempts=3, backoff_s=0.01))
+    monkeypatch.setattr(client, "_open_transport", lambda: FlakyTransport(preset, failures.pop(0) if failures else None, log))
+    monkeypatch.setattr("clients.sortformer_client.client.time.sleep", lambda s: log.append(("sleep", 0, False)))
+    stream = client.open_stream()
+    first_id = stream.sequence_id
+    if error == "refused":  # a refused request is not retried
+        with pytest.raises(StreamError, match="bad request"):
+            stream.feed(np.zeros(3 * preset.step_samples, np.float32))
+        assert stream.retries == 0 and [e[0] for e in log] == ["send"]
+        return
+    stream.feed(np.zeros(3 * preset.step_samples, np.float32))
+    ids = [sid for kind, sid, _ in log if kind == "send"]
+    assert stream.retries == 2 and len(set(ids[:3])) == 3 and ids[0] == first_id  # a new id per try
+    assert [start for kind, _, start in log if kind == "send"] == [True, True, True, False, False]
+    aborted = [sid for kind, sid, _ in log if kind == "abort"]
+    assert aborted == (ids[:2] if error == "timeout" else [])  # a START that may still arrive gets END
+    assert client.open_streams == 1 and stream.sequence_id == ids[2]
+    # later requests are never retried
+    failures.append(errors[error])
+    monkeypatch.setattr(stream, "_transport", FlakyTransport(preset, errors[error], log))
+    with pytest.raises(type(errors[error])):
+        stream.feed(np.zeros(preset.step_samples, np.float32))
+    assert stream.retries == 2
+
+
+def test_retry_policy_backoff() -> None:
+    policy = RetryPolicy(attempts=4, backoff_s=0.5, max_backoff_s=1.5, jitter=0.0)
+    assert [policy.delay(k) for k in range(4)] == [0.5, 1.0, 1.5, 1.5]
+    jittery = RetryPolicy(backoff_s=1.0, jitter=0.2)
+    assert all(0.8 <= jittery.delay(0) <= 1.2 for _ in range(100))
+    assert not NO_RETRY.should_retry(RequestTimeout("x"), 1)
+    assert policy.should_retry(ServerUnavailable("u", "grpc", "x"), 3) and not policy.should_retry(ServerUnavailable("u", "grpc", "x"), 4)
+    assert not policy.should_retry(ModelUnavailable("x"), 1)
+    for bad in (dict(attempts=0), dict(backoff_s=-1), dict(jitter=1.0), dict(backoff_s=9, max_backoff_s=8)):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+
+
 # ---- audio conversion --------------------------------------------------------------------------------
 @pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000])
 def test_resampling_length_and_content(rate: int) -> None:
@@ -222,7 +287,7 @@ def test_resampling_length_and_content(rate: int) -> None:
 
 def test_resampler_pieces_equal_whole() -> None:
     rng = np.random.default_rng(3)
-    audio = rng.standard_normal(44100 * 2 + 17).astype(np.float32)
+    audio = (0.2 * rng.standard_normal(44100 * 2 + 17)).astype(np.float32)  # within the +-4 limit
     resampler = Resampler(44100)
     pieces = [resampler.process(p) for p in np.array_split(audio, [1, 2, 999, 44100, 44101, 60000])]
     pieces.append(resampler.flush())

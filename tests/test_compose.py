@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import yaml
 
-from sortformer_triton import contract, repository
+from sortformer_triton import contract, repository, server_flags
 from sortformer_triton.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,9 +99,12 @@ def _assert_server(svc: Dict[str, Any], volume: str, host_ports: Tuple[str, str,
     assert svc["image"] == NGC_IMAGE
     assert svc["user"] == "1000:1000"  # the image's non-root triton-server user
     cmd = svc["command"]
-    assert cmd[0] == "tritonserver"
+    # the safe flags come from the one module the local server uses too, run as the entrypoint
+    assert cmd[:4] == ["python3", "/opt/sortformer/sortformer_triton/server_flags.py", "--", "tritonserver"]
     assert "--model-repository=/models/production" in cmd
-    assert "--model-control-mode=none" in cmd
+    full = server_flags.command(cmd[3:], "k")
+    assert "--model-control-mode=none" in full and any(f.startswith("--grpc-restricted-protocol=") for f in full)
+    assert "SORTFORMER_TRITON_ADMIN_KEY" in svc["environment"]
     assert f"{volume}:/models:ro" in svc["volumes"]
     assert "./sortformer_triton:/opt/sortformer/sortformer_triton:ro" in svc["volumes"]
     assert svc["environment"]["PYTHONPATH"] == "/opt/sortformer"
@@ -134,6 +137,23 @@ def test_compose_gateway(compose: Dict[str, Any]) -> None:
     assert svc["user"] == "1000:1000"
     assert (ROOT / svc["build"]["dockerfile"]).is_file()
     assert "./clients:/opt/sortformer/clients:ro" in svc["volumes"]
+    assert "./sortformer_triton:/opt/sortformer/sortformer_triton:ro" in svc["volumes"]
+
+
+def test_compose_gateway_settings_are_what_the_module_reads(compose: Dict[str, Any]) -> None:
+    """The service's command and environment, parsed by the gateway's own CLI: Triton by its service name,
+    listening on the container port that is published, with a health check on the gateway's /health."""
+    from clients.gateway.__main__ import parse_args
+
+    svc = _services(compose)["gateway"]
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    args = parse_args(svc["command"][3:], environ=env)
+    assert args.config.triton_url == "triton:8001" and args.host == "0.0.0.0" and args.preset == "low"
+    published = svc["ports"][0].rsplit(":", 1)[1]
+    assert str(args.port) == published == "8080"
+    probe = svc["healthcheck"]["test"][-1]
+    assert f"http://127.0.0.1:{args.port}/health" in probe
+    assert env["PYTHONPATH"] == svc["working_dir"] == "/opt/sortformer"
 
 
 def test_compose_ports_follow_the_bind_variable() -> None:

@@ -7,7 +7,7 @@ NeMo.
 Public API::
 
     DiarizationClient(url, protocol="grpc" | "grpc-stream" | "http", preset="low", timeout=60.0,
-                      max_in_flight=1)
+                      max_in_flight=1, retry=RetryPolicy(attempts=3, backoff_s=0.5))
         .check() / .served_presets()
         .open_stream(sequence_id=None, segment_params=None, on_update=None) -> Stream
         .diarize(audio, sample_rate=16000, progress=None, segment_params=None) -> Result
@@ -23,12 +23,13 @@ from .chunker import StepChunker
 from .client import DEFAULT_TIMEOUT_S, DiarizationClient, Stream, new_sequence_id
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
 from .results import Result, Update, speaker_label
+from .retry import NO_RETRY, RetryPolicy
 from .rttm import Turn, parse_rttm, read_rttm, rttm_lines, safe_uri, write_json, write_rttm
 from .transport import PROTOCOLS, normalize_url
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "PROTOCOLS",
-    "RequestTimeout", "Resampler", "Result", "Segment", "ServerUnavailable", "StepChunker", "Stream",
+    "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "NO_RETRY", "PROTOCOLS",
+    "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable", "StepChunker", "Stream",
     "StreamError", "Turn", "Update", "load_audio", "new_sequence_id", "normalize_url", "parse_rttm",
     "read_rttm", "resample_to_16k", "resampled_length", "rttm_lines", "safe_uri", "speaker_label",
     "to_mono_float32", "write_json", "write_rttm",

@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from sortformer_triton.contract import MAX_ABS_AMPLITUDE
 from sortformer_triton.presets import SAMPLE_RATE
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,8 +38,14 @@ def to_mono_float32(samples: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, 0] if arr.shape[1] == 1 else arr.mean(axis=1)
     out = np.asarray(arr, dtype=np.float32)
-    if out.size and not np.isfinite(out).all():
-        raise ValueError("audio holds NaN or infinite samples")
+    if out.size:
+        if not np.isfinite(out).all():
+            raise ValueError("audio holds NaN or infinite samples")
+        peak = float(np.abs(out).max())
+        if peak > MAX_ABS_AMPLITUDE:
+            raise ValueError(
+                f"float audio must be in [-1, 1]; this peaks at {peak:g} (beyond the server's limit "
+                f"+-{MAX_ABS_AMPLITUDE:g}): pass integer PCM as its integer array, or scale it (int16 / 32768)")
     return out
 
 

@@ -23,22 +23,25 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from sortformer_triton import contract
-from sortformer_triton.presets import SAMPLE_RATE, Preset, get_preset, requests_for
+from sortformer_triton.presets import PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
 from sortformer_triton.timeline import Segment
 
 from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k, to_mono_float32
 from .chunker import StepChunker
-from .errors import DiarizationError, ModelUnavailable, ServerUnavailable, StreamError
+from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
 from .results import Result, Update
+from .retry import RetryPolicy
 from .transport import (
     PROTOCOLS,
     RawResponse,
@@ -88,6 +91,7 @@ class Stream:
         self._closed = False  # the transport is released
         self._failed: Optional[BaseException] = None
         self._result: Optional[Result] = None
+        self.retries = 0  # times the first request was retried (on a new sequence id each time)
 
     # ---- state --------------------------------------------------------------------------------
     @property
@@ -220,7 +224,11 @@ class Stream:
         by_index = dict(indexed)
         updates: List[Update] = []
         try:
-            for raw in self._transport.run(indexed, self.sequence_id, self._parameters):
+            raws: Iterable[RawResponse] = ()
+            if first_index == 0:  # START: the one request that may be retried (see retry.py)
+                raws = self._send_start(indexed[0])
+                indexed = indexed[1:]
+            for raw in itertools.chain(raws, self._transport.run(indexed, self.sequence_id, self._parameters)):
                 update = self._decode(raw, by_index[raw.index])
                 updates.append(update)
                 if self._on_update is not None:
@@ -229,6 +237,27 @@ class Stream:
             self._failed = exc
             raise
         return updates
+
+    def _send_start(self, first: Tuple[int, StepRequest]) -> List[RawResponse]:
+        """The first request, retried per the client's ``RetryPolicy`` on a fresh sequence id each time."""
+        policy = self._client.retry
+        attempt = 1
+        while True:
+            try:
+                return list(self._transport.run([first], self.sequence_id, self._parameters))
+            except DiarizationError as exc:
+                if not policy.should_retry(exc, attempt):
+                    raise
+                if isinstance(exc, RequestTimeout):  # the START may still arrive: end that sequence
+                    self._transport.abort(1, self.sequence_id)
+                self._transport.close()
+                time.sleep(policy.delay(attempt - 1))
+                old = self.sequence_id
+                self.sequence_id = self._client._reserve_id(None)
+                self._client._forget(old)
+                self._transport = self._client._open_transport()
+                self.retries += 1
+                attempt += 1
 
     def _decode(self, raw: RawResponse, step: StepRequest) -> Update:
         out = raw.outputs
@@ -272,13 +301,17 @@ class DiarizationClient:
     8000). ``protocol``: ``grpc`` (unary calls), ``grpc-stream`` (bidirectional streaming, one gRPC stream
     per sequence) or ``http``. ``timeout``: seconds per request (and for connecting). ``max_in_flight``:
     requests of one stream on the wire at once in ``grpc-stream`` mode (1 = wait for each response).
+    ``retry``: how a stream's first request (START) is retried when the server is unavailable or does
+    not answer in time (default ``RetryPolicy()``: 3 tries, 0.5 s then 1 s apart; ``NO_RETRY`` for
+    none); later requests are never retried (see ``retry.py``).
 
     Nothing is contacted on construction; :meth:`check` verifies server and model. Thread-safe: many
     threads may open and drive their own streams on one client.
     """
 
     def __init__(self, url: str, protocol: str = "grpc", preset: Union[str, Preset] = "low",
-                 timeout: float = DEFAULT_TIMEOUT_S, max_in_flight: int = 1) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, max_in_flight: int = 1,
+                 retry: Optional[RetryPolicy] = None) -> None:
         self.protocol = check_protocol(protocol)
         self.url = normalize_url(url, self.protocol)
         self.preset: Preset = preset if isinstance(preset, Preset) else get_preset(preset)
@@ -288,6 +321,9 @@ class DiarizationClient:
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         self.max_in_flight = max_in_flight
+        self.retry = RetryPolicy() if retry is None else retry
+        if not isinstance(self.retry, RetryPolicy):
+            raise ValueError(f"retry must be a RetryPolicy, got {retry!r}")
         self.model_name = contract.ensemble_name(self.preset)
         self._lock = threading.Lock()
         self._open_ids: Set[int] = set()
@@ -335,7 +371,17 @@ class DiarizationClient:
         return {} if self.protocol == "http" else {"client_timeout": self.timeout}
 
     def _served_models(self, admin: Any) -> List[str]:
-        index = admin.get_model_repository_index(**self._admin_kwargs())
+        """Ready ``diarizer_*`` ensembles: from the repository index, or, where the server restricts that
+        admin API (this project's servers do), by asking each known preset's ensemble."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            index = admin.get_model_repository_index(**self._admin_kwargs())
+        except InferenceServerException as exc:
+            if "restricted" not in str(exc).lower():
+                raise
+            names = {contract.ensemble_name(p) for p in PRESETS.values()} | {self.model_name}
+            return sorted(n for n in names if admin.is_model_ready(n, **self._admin_kwargs()))
         if not isinstance(index, list):  # gRPC returns a protobuf message
             index = [{"name": m.name, "state": m.state} for m in index.models]
         return sorted(m["name"] for m in index
@@ -367,6 +413,16 @@ class DiarizationClient:
         pad_offset, min_duration_on, min_duration_off, median_filter_frames) go to the postprocessor as
         request parameters of the START request. ``on_update`` is called with every ``Update``."""
         params = check_parameters(segment_params)
+        sequence_id = self._reserve_id(sequence_id)
+        try:
+            transport = self._open_transport()
+        except BaseException:
+            self._forget(sequence_id)
+            raise
+        return Stream(self, transport, sequence_id, params, on_update)
+
+    def _reserve_id(self, sequence_id: Optional[int]) -> int:
+        """A sequence id not open on this client: ``sequence_id``, or a fresh random one."""
         with self._lock:
             if self._closed:
                 raise DiarizationError("this DiarizationClient is closed")
@@ -381,14 +437,12 @@ class DiarizationClient:
                 if sequence_id in self._open_ids:
                     raise ValueError(f"sequence {sequence_id} is still open on this client")
             self._open_ids.add(sequence_id)
-        try:
-            shared = self._shared_grpc() if self.protocol == "grpc" else None
-            transport = open_transport(self.protocol, self.url, self.model_name, self.preset, self.timeout,
-                                       shared_grpc=shared, max_in_flight=self.max_in_flight)
-        except BaseException:
-            self._forget(sequence_id)
-            raise
-        return Stream(self, transport, sequence_id, params, on_update)
+            return sequence_id
+
+    def _open_transport(self) -> Transport:
+        shared = self._shared_grpc() if self.protocol == "grpc" else None
+        return open_transport(self.protocol, self.url, self.model_name, self.preset, self.timeout,
+                              shared_grpc=shared, max_in_flight=self.max_in_flight)
 
     def _forget(self, sequence_id: int) -> None:
         with self._lock:
