@@ -14,6 +14,7 @@ Environment (all optional):
   SORTFORMER_INSTANCE_KIND           KIND_CPU (default) or KIND_GPU
   SORTFORMER_MAX_BATCH_SIZE          default 8
   SORTFORMER_MAX_CANDIDATE_SEQUENCES default 16 (sequence slots: size above the peak stream count)
+  SORTFORMER_SEQUENCE_IDLE_SECONDS   Triton's sequence idle timeout (default per preset, >= 60 s)
   SORTFORMER_FORCE_EXPORT            1 = export even when the stamp matches
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def settings(env: Optional[Dict[str, str]] = None) -> Dict[str, object]:
         "instance_kind": env.get("SORTFORMER_INSTANCE_KIND") or "KIND_CPU",
         "max_batch_size": int(env.get("SORTFORMER_MAX_BATCH_SIZE") or 8),
         "max_candidate_sequences": int(env.get("SORTFORMER_MAX_CANDIDATE_SEQUENCES") or 16),
+        "sequence_idle_seconds": int(env["SORTFORMER_SEQUENCE_IDLE_SECONDS"])
+        if env.get("SORTFORMER_SEQUENCE_IDLE_SECONDS") else None,
     }
 
 
@@ -50,6 +53,8 @@ def export_command(conf: Dict[str, object], out: Path) -> List[str]:
            "--flavour", FLAVOUR, "--instance-kind", str(conf["instance_kind"]),
            "--max-batch-size", str(conf["max_batch_size"]),
            "--max-candidate-sequences", str(conf["max_candidate_sequences"])]
+    if conf.get("sequence_idle_seconds") is not None:
+        cmd += ["--sequence-idle-seconds", str(conf["sequence_idle_seconds"])]
     for preset in conf["presets"]:  # type: ignore[union-attr]
         cmd += ["--preset", str(preset)]
     return cmd

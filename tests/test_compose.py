@@ -195,6 +195,9 @@ def test_export_once_command_parses_with_the_exporter() -> None:
     assert (args.model, args.flavour, args.instance_kind) == ("tiny", "production", "KIND_GPU")
     assert args.preset == ["low", "high"] and args.max_candidate_sequences == 32 and args.max_batch_size == 8
     assert once.settings({})["model"] == "nvidia/diar_streaming_sortformer_4spk-v2.1"
+    assert args.sequence_idle_seconds is None
+    idle = once.export_command(once.settings({"SORTFORMER_SEQUENCE_IDLE_SECONDS": "90"}), Path("/m"))
+    assert parse_args(idle[3:]).sequence_idle_seconds == 90
 
 
 def test_export_once_skips_a_cached_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
