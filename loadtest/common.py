@@ -106,13 +106,32 @@ def results_dir(kind: str, out: Optional[Path] = None) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
-    """Where the server listens (``host:port``, no scheme). With ``--url`` both are that URL."""
+    """Where the server listens (``host:port``, no scheme). With ``--url`` both are that URL. ``pid``:
+    the local tritonserver's process id when ``serve`` started it (None for ``--url``)."""
 
     grpc: str
     http: str
+    pid: Optional[int] = None
 
     def for_protocol(self, protocol: str) -> str:
         return self.http if protocol == "http" else self.grpc
+
+
+def replace_marked_section(path: Path, marker: str, section: str, title: str) -> Path:
+    """Put ``section`` between ``<!-- BEGIN marker -->`` and ``<!-- END marker -->`` in the markdown file
+    ``path``, replacing what was there (appended, and the file started with ``# title``, when missing):
+    one benchmark run rewrites its own section of a document that holds several."""
+    begin, end = f"<!-- BEGIN {marker} -->", f"<!-- END {marker} -->"
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else f"# {title}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def add_server_arguments(ap: argparse.ArgumentParser, url_help: str) -> None:
@@ -142,6 +161,6 @@ def serve(url: Optional[str], model_repository: Optional[Path],
     print(f"local tritonserver ready in {server.start_seconds:.1f} s: gRPC {server.grpc_url} "
           f"(repository {server.model_repository}, log {server.log_path})", flush=True)
     try:
-        yield Endpoint(server.grpc_url, server.http_url)
+        yield Endpoint(server.grpc_url, server.http_url, server.pid)
     finally:
         server.stop()

@@ -47,7 +47,7 @@ from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.presets import Preset, get_preset
 from sortformer_triton.protocol import iter_steps
 
-from .common import REPO_ROOT, machine_info, parse_presets, results_dir
+from .common import REPO_ROOT, machine_info, parse_presets, replace_marked_section, results_dir
 from .locust.run import LocustSummary, run_locust
 from .models import ensure_export
 from .perf_analyzer.make_input_data import default_seconds, stream_audio, write_input_data
@@ -401,16 +401,8 @@ def update_docs(report: Dict[str, Any], out: Path) -> Path:
     prefix = f"benchmarks_{label}"
     for kind in ("capacity", "throughput"):
         shutil.copy2(out / f"{kind}.png", DOCS / f"{prefix}_{kind}.png")
-    begin, end = f"<!-- BEGIN report:{label} -->", f"<!-- END report:{label} -->"
-    section = f"{begin}\n{markdown(report, f'{prefix}_capacity.png', f'{prefix}_throughput.png')}\n{end}"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    BENCHMARKS_MD.write_text(text)
-    return BENCHMARKS_MD
+    section = markdown(report, f"{prefix}_capacity.png", f"{prefix}_throughput.png")
+    return replace_marked_section(BENCHMARKS_MD, f"report:{label}", section, "Benchmarks")
 
 
 # ---- the run -------------------------------------------------------------------------------------
