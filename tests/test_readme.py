@@ -21,3 +21,26 @@ def test_preset_table_is_current():
                f"{p.left_context} | {p.fifo_len} | {p.spkcache_update_period} | {p.spkcache_len} | "
                f"{round(p.step_seconds, 2):g} s |")
         assert row in README, row
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_module_and_script_the_readme_runs_exists():
+    import importlib.util
+    import re
+
+    modules = set(re.findall(r"python -m ([\w.]+)", README))
+    assert {"export", "clients.diarize", "clients.gateway", "sortformer_triton.local_server"} <= modules
+    for module in sorted(modules):
+        assert importlib.util.find_spec(module) is not None, f"README runs `python -m {module}`: no such module"
+    for script in set(re.findall(r"(scripts/[\w.]+\.sh)", README)):
+        assert (ROOT / script).is_file(), script
+
+
+def test_every_file_the_readme_links_exists():
+    import re
+
+    for target in set(re.findall(r"\]\(([^)#]+)\)", README)):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), f"README links {target}, which does not exist"

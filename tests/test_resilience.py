@@ -36,6 +36,7 @@ from clients.sortformer_client import (
     ServerUnavailable,
     new_sequence_id,
 )
+from loadtest.long_stream import tree_memory
 from sortformer_triton import repository
 from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.presets import get_preset
@@ -78,26 +79,8 @@ def tight(tiny_repository, tiny_export_info, tmp_path_factory, triton_server) ->
 
 
 def server_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (tritonserver + Python-backend stubs), MB."""
-    children: Dict[int, List[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total_kb, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-        except OSError:
-            continue
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        total_kb += int(match.group(1)) if match else 0
-    return total_kb / 1024
+    """Resident memory of tritonserver and its Python-backend stubs (its process tree), MB."""
+    return sum(m.rss_kb for m in tree_memory(pid, {})) / 1024
 
 
 def _short_audio(k: int) -> np.ndarray:
