@@ -66,7 +66,8 @@ from sortformer_triton.presets import SAMPLE_RATE, Preset, requests_for
 from sortformer_triton.protocol import expected_frames
 from sortformer_triton.samples import conversation
 
-from .common import REPO_ROOT, add_server_arguments, machine_info, parse_presets, results_dir, serve
+from .common import (REPO_ROOT, add_server_arguments, machine_info, parse_presets, replace_marked_section,
+                     results_dir, serve)
 
 MB = 1024.0 * 1024.0
 DEFAULT_PIECE_SECONDS = 60.0
@@ -838,16 +839,7 @@ def markdown(doc: Dict[str, Any], plot_ref: Optional[str]) -> str:
 
 def update_markdown(path: Path, label: str, section: str) -> None:
     """Put ``section`` between this label's markers in ``path`` (appended when they are missing)."""
-    begin, end = f"<!-- BEGIN long_stream:{label} -->", f"<!-- END long_stream:{label} -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else "# Long streams\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_marked_section(path, f"long_stream:{label}", section, "Long streams")
 
 
 def print_summary(s: Dict[str, Any]) -> None:
