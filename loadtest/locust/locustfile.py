@@ -52,7 +52,7 @@ if _REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from clients.sortformer_client import DiarizationClient, DiarizationError  # noqa: E402
+from clients.sortformer_client import NO_RETRY, DiarizationClient, DiarizationError  # noqa: E402
 from loadtest.perf_analyzer.make_input_data import default_seconds, stream_audio  # noqa: E402
 from sortformer_triton.presets import SAMPLE_RATE, Preset, get_preset  # noqa: E402
 
@@ -131,8 +131,9 @@ def _on_init(environment: Any, **_: Any) -> None:
         return
     preset = get_preset(opts.preset)
     seconds = opts.audio_seconds or default_seconds(preset)
+    # no START retries: a load test counts every failed request
     client = DiarizationClient(environment.host or "127.0.0.1:8001", protocol=opts.protocol, preset=preset,
-                               timeout=opts.request_timeout)
+                               timeout=opts.request_timeout, retry=NO_RETRY)
     try:
         client.check()
     except DiarizationError as exc:
