@@ -11,9 +11,9 @@ server answers (one request in flight, no pacing) and records:
 
 - per request: the step latency (request sent -> response received, the client library's
   ``Update.latency_s``) and the CPU time the server's processes spent meanwhile (utime + stime from
-  ``/proc/<pid>/stat``, summed over the tree). On a shared machine the latency follows the load of
-  other processes; the CPU time per step hardly does, so it is what shows whether the *work* per step
-  changes with the stream's age;
+  ``/proc/<pid>/stat``, summed over the tree). On a shared machine both follow the load of other
+  processes (the latency fully; the CPU time less: ONNX Runtime's threads spin while they wait for
+  each other), so the ratios are also given over the longest stretch of steady machine load;
 - every ``--rss-every`` requests (and right after the warm-up and at the end): the resident memory
   (``VmRSS``, and its anonymous part ``RssAnon``, from ``/proc/<pid>/status``) of every process of
   the server's tree (tritonserver and its Python-backend stub processes, one per model instance) and of
@@ -215,8 +215,9 @@ def cpu_seconds(pid: int) -> float:
 
 class CpuMeter:
     """CPU time the server's process tree spent between two calls (the tree is listed again on
-    ``refresh``; processes that ended count no more). Unlike the step latency, this hardly depends on
-    what else runs on the machine, so it shows whether the *work* per step changes with the stream's age."""
+    ``refresh``; processes that ended count no more). It depends less than the step latency on what
+    else runs on the machine (not at all only on an idle one: spinning threads burn more CPU when
+    descheduled), so it shows better whether the *work* per step changes with the stream's age."""
 
     def __init__(self, root: Optional[int]) -> None:
         self.root = root
@@ -523,6 +524,50 @@ def memory_figures(rss: Sequence[RssSample]) -> Dict[str, Any]:
             "per_process_rss_mb": per_process, "rss_start": {"request": start.request, "stream_s": start.stream_s}}
 
 
+LOAD_BAND = 1.0  # steady-load stretch: the 1-min load average varies by at most this much
+LOAD_STRETCH_MIN_FRACTION = 0.2  # ... over at least this share of the audio steps after warm-up
+
+
+def load_matched(steps: Sequence[StepRecord], rss: Sequence[RssSample], warmup: int) -> Dict[str, Any]:
+    """Step latency and server CPU, first vs last 10 % of the longest stretch of audio steps (after the
+    warm-up) over which the machine's 1-min load average stayed within ``LOAD_BAND``.
+
+    On a shared machine the step latency (and, less so, the CPU time: ONNX Runtime's threads spin
+    while they wait for each other) follows the load other processes put on the CPUs; within such a
+    stretch that load is about the same at both ends, so a ratio far from 1 there is the stream's own
+    doing. Empty when no stretch covers ``LOAD_STRETCH_MIN_FRACTION`` of the steps (or no load known).
+    """
+    audio = [x for x in steps if x.kind == "audio" and x.index >= warmup]
+    samples = [(r.request, r.loadavg) for r in rss if np.isfinite(r.loadavg)]
+    if len(audio) < 10 or len(samples) < 2:
+        return {}
+    req, load = np.array([a for a, _ in samples], float), np.array([b for _, b in samples], float)
+    loads = np.interp([x.index + 1 for x in audio], req, load)  # load when each step was answered
+    best, lo = (0, 0), 0
+    for hi in range(len(loads)):  # longest window with max - min <= band (n is a few thousand at most)
+        while loads[lo:hi + 1].max() - loads[lo:hi + 1].min() > LOAD_BAND:
+            lo += 1
+        if hi + 1 - lo > best[1] - best[0]:
+            best = (lo, hi + 1)
+    a, b = best
+    if b - a < max(10, LOAD_STRETCH_MIN_FRACTION * len(audio)):
+        return {}
+    part = audio[a:b]
+    w = max(1, int(round(WINDOW_FRACTION * len(part))))
+
+    def med(xs: Sequence[StepRecord], field: str) -> float:
+        vals = [getattr(x, field) for x in xs if np.isfinite(getattr(x, field))]
+        return float(np.median(vals)) if vals else math.nan
+
+    out: Dict[str, Any] = {"steps": len(part), "window": w, "from_s": part[0].stream_s, "to_s": part[-1].stream_s,
+                           "load_min": float(loads[a:b].min()), "load_max": float(loads[a:b].max())}
+    for field, key in (("latency_ms", "latency"), ("server_cpu_ms", "cpu")):
+        first, last = med(part[:w], field), med(part[-w:], field)
+        out[f"{key}_first10_median"], out[f"{key}_last10_median"] = first, last
+        out[f"{key}_ratio"] = last / first if first and np.isfinite(first) else math.nan
+    return out
+
+
 def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
     """The figures of one run (JSON-ready)."""
     preset: Preset = run["preset"]
@@ -552,13 +597,10 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
     cpu_ratio = cpu_last / cpu_first if cpu_first and np.isfinite(cpu_first) else math.nan
 
     memory = memory_figures(rss)
-    server = memory["server_rss_mb"]
     loads = [r.loadavg for r in rss]
     step_ratio = last / first if first and np.isfinite(first) else math.nan
-    growth_bound = max(RSS_GROWTH_BOUND_MB, RSS_GROWTH_BOUND_FRACTION * server["start"]) \
-        if np.isfinite(server["start"]) else math.nan
     latency_sum_s = sum(lat) / 1000.0
-    return {
+    out = {
         "preset": preset.name, "step_seconds": preset.step_seconds, "minutes": run["minutes"],
         "duration_s": run["duration_s"], "protocol": run["protocol"],
         "requests": {"expected": run["n_requests"], "answered": len(steps), "full_audio_steps": run["n_full"],
@@ -589,17 +631,33 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
                  "rtf_steps": latency_sum_s / audio_s if audio_s else math.nan,
                  "speed_x_realtime": audio_s / latency_sum_s if latency_sum_s else math.nan},
         "server_stats": run.get("server_stats", {}),
+        "load_matched": load_matched(steps, rss, warmup),
         "audio": {"pieces": run["pieces"], "piece_seconds": run["piece_seconds"], "seed": run["seed"],
                   "speakers": DEFAULT_SPEAKERS},
         "loadavg": {"start": loads[0], "end": loads[-1], "mean": float(np.nanmean(loads)),
                     "max": float(np.nanmax(loads))},
-        "verdict": {
-            "step_time_bounded": bool(step_ratio <= STEP_RATIO_BOUND) if np.isfinite(step_ratio) else None,
-            "step_cpu_bounded": bool(cpu_ratio <= STEP_RATIO_BOUND) if np.isfinite(cpu_ratio) else None,
-            "server_rss_bounded": bool(server["growth"] <= growth_bound) if np.isfinite(growth_bound) else None,
-            "step_ratio_bound": STEP_RATIO_BOUND, "server_growth_bound_mb": growth_bound,
-        },
     }
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(s: Dict[str, Any]) -> Dict[str, Any]:
+    """Bounded or not, by the stated rules: the last/first 10 % ratio of the step latency and of the server
+    CPU per step (over the steady-load stretch when there is one, else the whole stream) at most
+    ``STEP_RATIO_BOUND``; the server's RSS growth (end - after warm-up) at most max(20 MB, 5 %)."""
+    lm = s.get("load_matched") or {}
+    lat = lm.get("latency_ratio", s["step_ms"]["ratio_last_first"])
+    cpu = lm.get("cpu_ratio", (s.get("server_cpu_ms") or {}).get("ratio_last_first", math.nan))
+    server = s["server_rss_mb"]
+    bound = max(RSS_GROWTH_BOUND_MB, RSS_GROWTH_BOUND_FRACTION * server["start"]) \
+        if np.isfinite(server["start"]) else math.nan
+
+    def ok(value: float, limit: float) -> Optional[bool]:
+        return bool(value <= limit) if np.isfinite(value) and np.isfinite(limit) else None
+
+    return {"step_time_bounded": ok(lat, STEP_RATIO_BOUND), "step_cpu_bounded": ok(cpu, STEP_RATIO_BOUND),
+            "server_rss_bounded": ok(server["growth"], bound), "over": "steady-load stretch" if lm else "stream",
+            "step_ratio_bound": STEP_RATIO_BOUND, "server_growth_bound_mb": bound}
 
 
 # ---- outputs ----------------------------------------------------------------------------------------
@@ -717,6 +775,12 @@ def load_run(out: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return {"steps": steps, "rss": rss}, doc
 
 
+def _speed(rtf: float) -> str:
+    if not np.isfinite(rtf) or rtf <= 0:
+        return "n/a"
+    return f"{1 / rtf:.1f}× faster than real time" if rtf <= 1 else f"{rtf:.1f}× slower than real time"
+
+
 def _mb(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.1f} MB"
 
@@ -742,6 +806,7 @@ def markdown(doc: Dict[str, Any], plot_ref: Optional[str]) -> str:
         model_text = "served by a running server (not inspected)"
     ok = "**yes**" if fr["all_confirmed"] else "**NO**"
     verdict = s["verdict"]
+    lm = s.get("load_matched") or {}
 
     def yes_no(v: Optional[bool]) -> str:
         return "n/a" if v is None else ("yes" if v else "**no**")
@@ -782,9 +847,16 @@ def markdown(doc: Dict[str, Any], plot_ref: Optional[str]) -> str:
         *([] if not np.isfinite(cpu_row["p50"]) else [
             f"| server CPU time per step (all server processes) p50 / p95 / max | {cpu_row['p50']:.1f} / "
             f"{cpu_row['p95']:.1f} / {cpu_row['max']:.1f} ms |",
-            f"| server CPU per step median, first 10 % → last 10 % (hardly load-dependent) | "
+            f"| server CPU per step median, first 10 % → last 10 % (less load-dependent than the latency) | "
             f"{cpu_row['first10_median']:.1f} → {cpu_row['last10_median']:.1f} ms "
             f"(**{cpu_row['ratio_last_first']:.3f}×**); trend {_signed(cpu_row['trend_ms_per_hour'], 'ms/h')} |"]),
+        *([] if not lm else [
+            f"| same, over the longest stretch of steady machine load ({lm['steps']} steps, min "
+            f"{lm['from_s'] / 60:.0f}–{lm['to_s'] / 60:.0f} of the audio, load {lm['load_min']:.1f}–"
+            f"{lm['load_max']:.1f}): latency / server CPU, first 10 % → last 10 % | "
+            f"{lm['latency_first10_median']:.1f} → {lm['latency_last10_median']:.1f} ms (**{lm['latency_ratio']:.3f}×**)"
+            + (f" / {lm['cpu_first10_median']:.1f} → {lm['cpu_last10_median']:.1f} ms (**{lm['cpu_ratio']:.3f}×**)"
+               if np.isfinite(lm["cpu_ratio"]) else " / not measured") + " |"]),
         f"| server RSS (VmRSS summed over tritonserver + stubs): idle / after warm-up / max / end | "
         f"{_mb(srv['idle'])} / {_mb(srv['start'])} / {_mb(srv['max'])} / {_mb(srv['end'])} |",
         f"| server RSS growth: end − after warm-up (max − after warm-up); last 10 % − first 10 % of the "
@@ -797,14 +869,13 @@ def markdown(doc: Dict[str, Any], plot_ref: Optional[str]) -> str:
         f"**{_signed(cli['growth'], 'MB')}**; {_signed(cli.get('steady_growth', math.nan), 'MB')} |",
         f"| what the client's `Result` holds at the end | probabilities {s['client_result']['probs_shape'][0]} × 4 "
         f"float32 = {s['client_result']['probs_mb']:.2f} MB, {s['client_result']['segments']} segments |",
-        f"| real-time factor (step latencies / audio) | **{tm['rtf_steps']:.3f}** ({tm['speed_x_realtime']:.1f}× "
-        "faster than real time) |",
+        f"| real-time factor (step latencies / audio) | **{tm['rtf_steps']:.3f}** ({_speed(tm['rtf_steps'])}) |",
         f"| wall time (real-time factor incl. client-side audio synthesis) | {tm['wall_s'] / 60:.1f} min "
         f"({tm['rtf_wall']:.3f}); synthesis {tm['synthesis_s'] / 60:.1f} min of it |",
-        f"| bounded? (last/first ratio ≤ {verdict['step_ratio_bound']}; server growth ≤ "
-        f"{verdict['server_growth_bound_mb']:.0f} MB) | server CPU per step: "
-        f"{yes_no(verdict.get('step_cpu_bounded'))}, step latency: {yes_no(verdict['step_time_bounded'])} "
-        f"(depends on the machine's load), server RSS: {yes_no(verdict['server_rss_bounded'])} |",
+        f"| bounded? (last/first 10 % ratio ≤ {verdict['step_ratio_bound']} over the "
+        f"{verdict.get('over', 'stream')}; server growth ≤ {verdict['server_growth_bound_mb']:.0f} MB) | step "
+        f"latency: {yes_no(verdict['step_time_bounded'])}, server CPU per step: "
+        f"{yes_no(verdict.get('step_cpu_bounded'))}, server RSS: {yes_no(verdict['server_rss_bounded'])} |",
         "",
     ]
     if s["per_process_rss_mb"]:
@@ -988,7 +1059,10 @@ def render(argv: Sequence[str]) -> int:
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
     run, doc = load_run(args.render)
-    doc["summary"].update(memory_figures(run["rss"]))  # memory figures of this version of the tool
+    summary = doc["summary"]  # the figures that need only the files, as this version of the tool makes them
+    summary.update(memory_figures(run["rss"]))
+    summary["load_matched"] = load_matched(run["steps"], run["rss"], summary["requests"]["warmup"])
+    summary["verdict"] = verdict(summary)
     write_outputs(run, doc, args.render, args.markdown, args.plot)
     return 0
 
