@@ -93,6 +93,14 @@ def machine_info() -> Dict[str, object]:
     }
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none): recorded beside every measurement."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def timestamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 

@@ -66,8 +66,8 @@ from sortformer_triton.presets import SAMPLE_RATE, Preset, requests_for
 from sortformer_triton.protocol import expected_frames
 from sortformer_triton.samples import conversation
 
-from .common import (REPO_ROOT, add_server_arguments, machine_info, parse_presets, replace_marked_section,
-                     results_dir, serve)
+from .common import (REPO_ROOT, add_server_arguments, load_average, machine_info, parse_presets,
+                     replace_marked_section, results_dir, serve)
 
 MB = 1024.0 * 1024.0
 DEFAULT_PIECE_SECONDS = 60.0
@@ -247,13 +247,6 @@ class CpuMeter:
         return delta * 1000.0
 
 
-def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
 @dataclasses.dataclass
 class RssSample:
     request: int  # requests answered when sampled (0 = before the stream)
@@ -284,7 +277,7 @@ class MemoryProbe:
         else:
             server_rss = server_anon = math.nan
         return RssSample(request, stream_s, wall_s, server_rss, server_anon, client_rss / 1024.0,
-                         client_anon / 1024.0, _loadavg(),
+                         client_anon / 1024.0, load_average(),
                          {f"{p.label} ({p.pid})": p.rss_kb / 1024.0 for p in procs}, tag)
 
 
@@ -1014,7 +1007,7 @@ def _run(args: argparse.Namespace, preset: Preset, label: str, out: Path, comman
                        f"`{_display_path(args.model_repository)}`" if args.url is None else f"`{args.url}`")
         print(f"[long_stream] {preset.name}: {args.minutes:g} min of audio, "
               f"{requests_for(preset, int(round(args.minutes * 60 * SAMPLE_RATE)))} requests, server pid "
-              f"{server_pid if server_pid is not None else 'not measured'}, load avg {_loadavg():.2f}", flush=True)
+              f"{server_pid if server_pid is not None else 'not measured'}, load avg {load_average():.2f}", flush=True)
         run = run_stream(endpoint.for_protocol(args.protocol), preset, args.minutes, MemoryProbe(server_pid),
                          protocol=args.protocol, timeout=args.timeout, rss_every=args.rss_every,
                          warmup_min=args.warmup_requests, piece_seconds=args.piece_seconds, seed=args.seed,

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -47,7 +46,7 @@ from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.presets import Preset, get_preset
 from sortformer_triton.protocol import iter_steps
 
-from .common import REPO_ROOT, machine_info, parse_presets, replace_marked_section, results_dir
+from .common import REPO_ROOT, load_average, machine_info, parse_presets, replace_marked_section, results_dir
 from .locust.run import LocustSummary, run_locust
 from .models import ensure_export
 from .perf_analyzer.make_input_data import default_seconds, stream_audio, write_input_data
@@ -126,7 +125,7 @@ def inprocess_loop(preset: Preset, repo: Path, emb_dim: int, concurrency: int, m
             break
     wall = sum(times)
     ms = sorted(t * 1000.0 for t in times)
-    return InProcess(preset.name, concurrency, total, wall, total / wall, _pct(ms, 50), _pct(ms, 99), _loadavg())
+    return InProcess(preset.name, concurrency, total, wall, total / wall, _pct(ms, 50), _pct(ms, 99), load_average())
 
 
 def _pct(ordered: Sequence[float], q: float) -> float:
@@ -159,7 +158,7 @@ def pa_point(url: str, preset: Preset, data: Path, concurrency: int, out: Path, 
                    float(row.get("Inferences/Second", "nan") or "nan"),
                    int(row.get("p50 latency", 0) or 0) / 1000.0 if r.ok else math.nan,
                    int(row.get("p99 latency", 0) or 0) / 1000.0 if r.ok else math.nan,
-                   str(r.csv_path.relative_to(out)), _loadavg())
+                   str(r.csv_path.relative_to(out)), load_average())
 
 
 def capacity_search(url: str, preset: Preset, first: int, cap: int, trials: int, out: Path,
@@ -406,13 +405,6 @@ def update_docs(report: Dict[str, Any], out: Path) -> Path:
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -436,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     presets = parse_presets(args.preset or ["all"])
     label = args.label or Path(args.model).stem
     out = results_dir("report", args.out or REPO_ROOT / "results" / "report" / label)
-    started, load0 = time.time(), _loadavg()
+    started, load0 = time.time(), load_average()
     names = [p.name for p in presets]
     print(f"[report] exporting {args.model} ({', '.join(names)}) ...", flush=True)
     repos = {
@@ -478,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report: Dict[str, Any] = {
         "label": label, "model": args.model, "presets": names,
         "command": "python -m loadtest.report " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(), "loadavg_start": load0, "loadavg_end": _loadavg(),
+        "machine": machine_info(), "loadavg_start": load0, "loadavg_end": load_average(),
         "seconds": time.time() - started, "slots": args.slots,
         "parameters": info["parameters"], "emb_dim": info["emb_dim"],
         "step_seconds": {p.name: p.step_seconds for p in presets},

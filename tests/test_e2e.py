@@ -285,22 +285,13 @@ def test_reused_sequence_id_after_end_starts_clean(protocol: str, tiny_server, o
 
 def _continue_without_start(server: LocalTritonServer, preset: Preset, sid: int, end: bool = True) -> str:
     """Send a non-START request for ``sid`` with raw tritonclient; Triton's error text ('' if accepted)."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+    from tests.rawseq import RawSequence
 
-    audio = grpcclient.InferInput(contract.AUDIO, [1, preset.step_samples], "FP32")
-    audio.set_data_from_numpy(np.zeros((1, preset.step_samples), np.float32))
-    length = grpcclient.InferInput(contract.AUDIO_LENGTH, [1, 1], "INT32")
-    length.set_data_from_numpy(np.array([[preset.step_samples]], np.int32))
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    seq = RawSequence(server.grpc_url, preset, sid, timeout_s=30)
     try:
-        client.infer(contract.ensemble_name(preset), [audio, length], sequence_id=sid,
-                     sequence_start=False, sequence_end=end, client_timeout=30)
-        return ""
-    except InferenceServerException as exc:
-        return str(exc.message())
+        return seq.send(np.zeros(preset.step_samples, np.float32), preset.step_samples, end=end).error
     finally:
-        client.close()
+        seq.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
