@@ -125,7 +125,7 @@ def test_abandoned_stream_is_released_by_idle_timeout_and_ttl(roomy) -> None:
 
 def test_rss_stays_flat_over_1000_short_sequences(roomy) -> None:
     url = roomy.grpc_url
-    n_sequences, threads, warmup = 1000, 4, 100
+    n_sequences, threads, every, warmup = 1000, 4, 50, 100
     done = [0]
     lock = threading.Lock()
     errors: List[str] = []
@@ -136,7 +136,7 @@ def test_rss_stays_flat_over_1000_short_sequences(roomy) -> None:
             for k in range(w, n_sequences, threads):
                 audio = _short_audio(k)
                 try:
-                    if k % 4 == 3:  # abandoned after two requests: no END
+                    if (k // threads) % 4 == 3:  # every worker's 4th: abandoned after two requests, no END
                         seq = RawSequence(url, SHORT, new_sequence_id())
                         for request in steps(SHORT, audio)[:2]:
                             if seq.step(request).error:
@@ -148,7 +148,7 @@ def test_rss_stays_flat_over_1000_short_sequences(roomy) -> None:
                     errors.append(f"sequence {k}: {exc!r}")
                 with lock:
                     done[0] += 1
-                    if done[0] % 100 == 0:
+                    if done[0] % every == 0:
                         samples.append((done[0], server_rss_mb(roomy.pid)))
 
     pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
@@ -163,13 +163,22 @@ def test_rss_stays_flat_over_1000_short_sequences(roomy) -> None:
         client.diarize(_short_audio(0))
     settled = server_rss_mb(roomy.pid)
     assert not errors, errors[:5]
-    base = dict(samples)[warmup]
-    peak = max(mb for _, mb in samples)
+    after_warmup = [mb for n, mb in samples if n >= warmup]
+    base, peak = after_warmup[0], max(after_warmup)
+    steps_mb = np.diff(after_warmup)
+    typical = float(np.median(steps_mb))
     print(f"\nRSS of tritonserver + stubs over {n_sequences} sequences (every 4th abandoned) in {seconds:.0f} s: "
           f"after {warmup}: {base:.1f} MB, peak {peak:.1f} MB, end {samples[-1][1]:.1f} MB, "
-          f"after idle expiry {settled:.1f} MB; samples {[(n, round(mb, 1)) for n, mb in samples]}")
-    # 250 leaked sequence states would be ~35 MB (ultra_low, tiny model); the bound catches a leak
-    assert peak - base < 20.0 and settled - base < 20.0
+          f"after idle expiry {settled:.1f} MB; median growth per {every} sequences {typical:+.2f} MB; "
+          f"samples {[(n, round(mb, 1)) for n, mb in samples]}")
+    # A leak grows with every abandoned sequence: a planted one (the Python models never expiring
+    # state) measured +1.87 MB per 50 sequences (~150 kB per abandoned state, ultra_low, tiny model),
+    # +35.5 MB in all, steadily. tritonserver's allocators (gRPC request pool, arenas) instead grow in
+    # one-off steps that level off (seen in CI: +21 MB once between sequences 200 and 300, flat after;
+    # a clean run here: median +0.04 MB), so the test bounds the typical (median) growth per 50
+    # sequences tightly and the total only loosely.
+    assert typical < 0.5, f"RSS grows steadily: median {typical:+.2f} MB per {every} sequences"
+    assert peak - base < 60.0 and settled - base < 60.0
 
 
 # ---- 4. overload ---------------------------------------------------------------------------------
