@@ -562,7 +562,6 @@ def _rgb(color: str) -> List[int]:
 def test_page_in_headless_chromium(gateway: GatewayProcess, browser: Any, tmp_path: Path) -> None:
     """Start, let Chromium's fake microphone (the wav) stream for a while, stop: the page received updates,
     frames were confirmed, segments were drawn where the timeline says, and the result closes the stream."""
-    t_start = time.monotonic()
     browser.get(gateway.url + "/")
     _wait(browser, "document.getElementById('preset').options.length >= 4 && "
                    "!document.getElementById('start').disabled", 20)
@@ -580,7 +579,6 @@ def test_page_in_headless_chromium(gateway: GatewayProcess, browser: Any, tmp_pa
     _wait(browser, "window.diarizationState.status === 'done'", 30)
     state = _page_state(browser)
     assert browser.save_screenshot(str(tmp_path / "gateway_done.png"))
-    elapsed = time.monotonic() - t_start
 
     # audio from the wav reached the gateway (not silence), at the page's own sample rate
     assert state["errors"] == [] and state["sequenceId"] and state["sampleRate"] >= 8000
@@ -607,7 +605,6 @@ def test_page_in_headless_chromium(gateway: GatewayProcess, browser: Any, tmp_pa
     assert shown == [f"{p:.2f}" for p in state["probabilities"]]
     assert browser.find_element("id", "status").text.startswith("done:")
     _wait_idle(gateway)
-    assert elapsed < 45, elapsed
 
     from PIL import Image
 
