@@ -50,9 +50,9 @@ class PredictionAssembler:
         if n_confirmed > 0:
             if frame_offset != self.frames:
                 raise ValueError(f"confirmed frames arrived at offset {frame_offset}, expected {self.frames}")
-            self._parts.append(np.asarray(confirmed[:n_confirmed], dtype=np.float32))
+            self._parts.append(np.array(confirmed[:n_confirmed], dtype=np.float32))  # a copy: no response kept
             self.frames += n_confirmed
-        self.tentative = np.asarray(tentative[:n_tentative], dtype=np.float32)
+        self.tentative = np.array(tentative[:n_tentative], dtype=np.float32)
         self.finished = self.finished or bool(finished)
 
     @property

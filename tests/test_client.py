@@ -54,7 +54,7 @@ from clients.sortformer_client.transport import RawResponse, Transport, check_pa
 from sortformer_triton import contract
 from sortformer_triton.local_server import free_port
 from sortformer_triton.presets import PRESETS, Preset, requests_for
-from sortformer_triton.protocol import StepRequest, iter_steps
+from sortformer_triton.protocol import PredictionAssembler, StepRequest, iter_steps
 from sortformer_triton.samples import conversation
 
 PROTOCOLS = ("grpc", "grpc-stream", "http")
@@ -159,6 +159,21 @@ def test_stream_feed_any_split_gives_identical_requests(case) -> None:
     assert result.n_samples == audio16.size and result.requests == len(transport.sent)
     assert len(fed_updates) + len(result.tail_updates) == len(transport.sent)
     assert result.tail_updates[-1].end and stream.closed
+
+
+def test_prediction_assembler_copies_and_checks_offsets() -> None:
+    """The assembler keeps copies (not views of response buffers) and refuses a gap in the frames."""
+    asm = PredictionAssembler()
+    response = np.arange(24, dtype=np.float32).reshape(6, 4)
+    asm.add(response, 2, 0, response[2:], 3)
+    response[:] = -1.0  # the transport reuses or frees its buffer
+    np.testing.assert_array_equal(asm.confirmed, np.arange(8, dtype=np.float32).reshape(2, 4))
+    np.testing.assert_array_equal(asm.tentative, np.arange(8, 20, dtype=np.float32).reshape(3, 4))
+    assert asm.frames == 2 and not asm.finished
+    with pytest.raises(ValueError, match="offset 3, expected 2"):
+        asm.add(response, 1, 3, response, 0)
+    asm.add(np.ones((6, 4), np.float32), 1, 2, response, 0, finished=True)
+    assert asm.frames == 3 and asm.finished and asm.confirmed.shape == (3, 4) and asm.tentative.shape == (0, 4)
 
 
 def test_segment_params_reach_the_transport_as_triton_parameters() -> None:
