@@ -276,7 +276,8 @@ class LocalTritonServer:
         raise AssertionError("unreachable")
 
     def _command(self, paths: TritonPaths) -> List[str]:
-        return [
+        # the safe flags the compose entrypoint adds too, by the same function (refuses extra_args clashing)
+        return server_flags.command([
             str(paths.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={paths.backends}",
@@ -291,19 +292,19 @@ class LocalTritonServer:
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
-            *server_flags.safe_flags(self.admin_key),
-        ]
+        ], self.admin_key)
 
     def _spawn(self, paths: TritonPaths) -> None:
         env = server_environment()
         env.update(self._extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self._command(paths)
         with open(self.log_path, "ab") as log:
-            shown = " ".join(self._command(paths)).replace(self.admin_key, "<admin key>")
+            shown = " ".join(command).replace(self.admin_key, "<admin key>")
             log.write(f"\n==== {shown}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
-                self._command(paths),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -21,6 +21,7 @@ import pytest
 
 from clients.sortformer_client import DiarizationClient, new_sequence_id
 from sortformer_triton import server_flags
+from sortformer_triton.local_server import REPO_ROOT, LocalTritonServer
 from sortformer_triton.presets import get_preset
 from tests.rawseq import RawSequence
 
@@ -121,6 +122,9 @@ def test_server_flags_are_one_source_and_cannot_be_overridden(monkeypatch: pytes
     assert f"--http-restricted-api={restricted}" in flags and f"--grpc-restricted-protocol={restricted}" in flags
     with pytest.raises(ValueError, match="drop them"):
         server_flags.command(["tritonserver", "--model-control-mode=explicit"], "abc")
+    # the local server builds its command with the same function: its extra_args cannot override them
+    with pytest.raises(ValueError, match="drop them"):
+        LocalTritonServer(REPO_ROOT / "model_repository" / "local", extra_args=["--strict-readiness=false"]).start()
     monkeypatch.setenv(server_flags.ADMIN_KEY_ENV, "my-key_1")
     assert server_flags.admin_key() == "my-key_1"
     monkeypatch.setenv(server_flags.ADMIN_KEY_ENV, "bad key;")
