@@ -241,23 +241,21 @@ class Stream:
     def _send_start(self, first: Tuple[int, StepRequest]) -> List[RawResponse]:
         """The first request, retried per the client's ``RetryPolicy`` on a fresh sequence id each time."""
         policy = self._client.retry
-        attempt = 1
         while True:
             try:
                 return list(self._transport.run([first], self.sequence_id, self._parameters))
             except DiarizationError as exc:
-                if not policy.should_retry(exc, attempt):
+                if not policy.should_retry(exc, attempt=self.retries + 1):
                     raise
                 if isinstance(exc, RequestTimeout):  # the START may still arrive: end that sequence
                     self._transport.abort(1, self.sequence_id)
                 self._transport.close()
-                time.sleep(policy.delay(attempt - 1))
+                time.sleep(policy.delay(self.retries))
                 old = self.sequence_id
                 self.sequence_id = self._client._reserve_id(None)
                 self._client._forget(old)
                 self._transport = self._client._open_transport()
                 self.retries += 1
-                attempt += 1
 
     def _decode(self, raw: RawResponse, step: StepRequest) -> Update:
         out = raw.outputs
