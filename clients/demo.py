@@ -15,7 +15,7 @@ from rich.table import Table
 from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.samples import conversation
 
-from .sortformer_client import DiarizationClient
+from .sortformer_client import PROTOCOLS, DiarizationClient
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--preset", default="high")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the sample conversation")
     ap.add_argument("--speakers", type=int, default=3)
-    ap.add_argument("--protocol", default="grpc", choices=["grpc", "grpc-stream", "http"])
+    ap.add_argument("--protocol", default="grpc", choices=PROTOCOLS)
     args = ap.parse_args(argv)
     console = Console()
     info_file = args.repository / "export_info.json"

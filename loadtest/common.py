@@ -142,14 +142,15 @@ def replace_marked_section(path: Path, marker: str, section: str, title: str) ->
     return path
 
 
-def add_server_arguments(ap: argparse.ArgumentParser, url_help: str) -> None:
+def add_server_arguments(ap: argparse.ArgumentParser, url_help: str,
+                         preset_help: str = "preset(s): repeatable, comma list or 'all' (default low)") -> None:
     """The options ``serve`` takes: a running server (--url) or a repository to serve locally, and the
     presets to drive."""
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help=url_help)
     where.add_argument("--model-repository", type=Path,
                        help="start the local tritonserver (nvidia-pytriton) on this repository, e.g. build/tiny/local")
-    ap.add_argument("--preset", action="append", help="preset(s): repeatable, comma list or 'all' (default low)")
+    ap.add_argument("--preset", action="append", help=preset_help)
 
 
 @contextlib.contextmanager

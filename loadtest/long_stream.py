@@ -58,10 +58,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from clients.sortformer_client import PROTOCOLS
+from sortformer_triton.local_server import raise_keyboard_interrupt
 from sortformer_triton.presets import SAMPLE_RATE, Preset, requests_for
 from sortformer_triton.protocol import expected_frames
 from sortformer_triton.samples import conversation
@@ -140,7 +142,7 @@ def _status_fields(pid: int) -> Dict[str, int]:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "PPid"):
+            if key in ("VmRSS", "RssAnon"):
                 out[key] = int(value.split()[0])
     return out
 
@@ -213,37 +215,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def _cpu_of(pids: Iterable[int]) -> Dict[int, float]:
+    """CPU seconds so far of each of ``pids`` that still runs."""
+    out: Dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[pid] = cpu_seconds(pid)
+    return out
+
+
 class CpuMeter:
     """CPU time the server's process tree spent between two calls (the tree is listed again on
-    ``refresh``; processes that ended count no more). It depends less than the step latency on what
-    else runs on the machine (not at all only on an idle one: spinning threads burn more CPU when
-    descheduled), so it shows better whether the *work* per step changes with the stream's age."""
+    ``refresh``: a process found then counts from then on; processes that ended count no more). It
+    depends less than the step latency on what else runs on the machine (not at all only on an idle one:
+    spinning threads burn more CPU when descheduled), so it shows better whether the *work* per step
+    changes with the stream's age."""
 
     def __init__(self, root: Optional[int]) -> None:
         self.root = root
-        self._pids: List[int] = []
-        self._last = 0.0
-        if root is not None:
-            self.refresh()
-            self._last = self._total()
+        self._last: Dict[int, float] = {}  # pid -> its CPU seconds at the previous call
+        self.refresh()
 
     def refresh(self) -> None:
         if self.root is not None:
-            self._pids = process_tree(self.root)
-
-    def _total(self) -> float:
-        total = 0.0
-        for pid in self._pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += cpu_seconds(pid)
-        return total
+            new = [pid for pid in process_tree(self.root) if pid not in self._last]
+            self._last.update(_cpu_of(new))
 
     def delta_ms(self) -> float:
         """Milliseconds of server CPU since the previous call (nan without a server pid)."""
         if self.root is None:
             return math.nan
-        now = self._total()
-        delta, self._last = now - self._last, now
+        now = _cpu_of(self._last)
+        delta = sum(seconds - self._last[pid] for pid, seconds in now.items())
+        self._last = now
         return delta * 1000.0
 
 
@@ -395,7 +399,7 @@ def run_stream(url: str, preset: Preset, minutes: float, probe: MemoryProbe, pro
     rss: List[RssSample] = []
     # Triton statistics at the edges of the first and last 10 % windows of the full audio steps (as in
     # ``summarize``) and after the warm-up
-    window = max(1, int(round(WINDOW_FRACTION * n_full))) if n_full else 0
+    window = _window(n_full)
     marks = {"first_window": window, "warmup": warmup, "last_window_start": n_full - window,
              "last_window_end": n_full} if window else {"warmup": warmup}
     stats = ServerStats(url, protocol)
@@ -479,13 +483,30 @@ def run_stream(url: str, preset: Preset, minutes: float, probe: MemoryProbe, pro
     }
 
 
+def _window(n: int) -> int:
+    """How many of ``n`` records the first / last 10 % windows hold (0 for none, else at least 1)."""
+    return max(1, int(round(WINDOW_FRACTION * n))) if n else 0
+
+
+def _first_last(records: Sequence[Any], field: str) -> Tuple[float, float, float]:
+    """Median of ``field`` over the first and the last 10 % of ``records`` (finite values), and last / first."""
+    w = _window(len(records))
+
+    def med(part: Sequence[Any]) -> float:
+        vals = [getattr(x, field) for x in part if np.isfinite(getattr(x, field))]
+        return float(np.median(vals)) if vals else math.nan
+
+    first, last = (med(records[:w]), med(records[-w:])) if w else (math.nan, math.nan)
+    return first, last, last / first if first and np.isfinite(first) else math.nan
+
+
 def _steady_growth(values: Sequence[float]) -> float:
     """Median of the last 10 % of the samples minus median of the first 10 % (robust to the sawtooth of
     the client's audio synthesis and to single samples)."""
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
     if v.size < 2:
         return math.nan
-    q = max(1, int(round(WINDOW_FRACTION * v.size)))
+    q = _window(v.size)
     return float(np.median(v[-q:]) - np.median(v[:q]))
 
 
@@ -537,7 +558,7 @@ def load_matched(steps: Sequence[StepRecord], rss: Sequence[RssSample], warmup: 
     req, load = np.array([a for a, _ in samples], float), np.array([b for _, b in samples], float)
     loads = np.interp([x.index + 1 for x in audio], req, load)  # load when each step was answered
     best, lo = (0, 0), 0
-    for hi in range(len(loads)):  # longest window with max - min <= band (n is a few thousand at most)
+    for hi in range(len(loads)):  # longest window with max - min <= band (O(n x stretch); n <= ~30k requests)
         while loads[lo:hi + 1].max() - loads[lo:hi + 1].min() > LOAD_BAND:
             lo += 1
         if hi + 1 - lo > best[1] - best[0]:
@@ -546,18 +567,11 @@ def load_matched(steps: Sequence[StepRecord], rss: Sequence[RssSample], warmup: 
     if b - a < max(10, LOAD_STRETCH_MIN_FRACTION * len(audio)):
         return {}
     part = audio[a:b]
-    w = max(1, int(round(WINDOW_FRACTION * len(part))))
-
-    def med(xs: Sequence[StepRecord], field: str) -> float:
-        vals = [getattr(x, field) for x in xs if np.isfinite(getattr(x, field))]
-        return float(np.median(vals)) if vals else math.nan
-
-    out: Dict[str, Any] = {"steps": len(part), "window": w, "from_s": part[0].stream_s, "to_s": part[-1].stream_s,
-                           "load_min": float(loads[a:b].min()), "load_max": float(loads[a:b].max())}
+    out: Dict[str, Any] = {"steps": len(part), "window": _window(len(part)), "from_s": part[0].stream_s,
+                           "to_s": part[-1].stream_s, "load_min": float(loads[a:b].min()),
+                           "load_max": float(loads[a:b].max())}
     for field, key in (("latency_ms", "latency"), ("server_cpu_ms", "cpu")):
-        first, last = med(part[:w], field), med(part[-w:], field)
-        out[f"{key}_first10_median"], out[f"{key}_last10_median"] = first, last
-        out[f"{key}_ratio"] = last / first if first and np.isfinite(first) else math.nan
+        out[f"{key}_first10_median"], out[f"{key}_last10_median"], out[f"{key}_ratio"] = _first_last(part, field)
     return out
 
 
@@ -572,26 +586,18 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
     lat = [s.latency_ms for s in steps]
     cpu = [s.server_cpu_ms for s in steps]
     audio_steps = [s for s in steps if s.kind == "audio"]
-    w = max(1, int(round(WINDOW_FRACTION * len(audio_steps)))) if audio_steps else 0
-    first = float(np.median([s.latency_ms for s in audio_steps[:w]])) if w else math.nan
-    last = float(np.median([s.latency_ms for s in audio_steps[-w:]])) if w else math.nan
+    w = _window(len(audio_steps))
+    first, last, step_ratio = _first_last(audio_steps, "latency_ms")
+    cpu_first, cpu_last, cpu_ratio = _first_last(audio_steps, "server_cpu_ms")
     after = [s for s in audio_steps if s.index >= warmup]
     interrupted = bool(run.get("interrupted"))
     frames_expected = expected_frames(run["total_samples"])
     audio_s = steps[-1].stream_s if interrupted and steps else run["duration_s"]
 
-    def cpu_median(part: Sequence[StepRecord]) -> float:
-        vals = [x.server_cpu_ms for x in part if np.isfinite(x.server_cpu_ms)]
-        return float(np.median(vals)) if vals else math.nan
-
-    cpu_first = cpu_median(audio_steps[:w]) if w else math.nan
-    cpu_last = cpu_median(audio_steps[-w:]) if w else math.nan
     cpu_ok = [c for c in cpu if np.isfinite(c)]
-    cpu_ratio = cpu_last / cpu_first if cpu_first and np.isfinite(cpu_first) else math.nan
 
     memory = memory_figures(rss)
     loads = [r.loadavg for r in rss]
-    step_ratio = last / first if first and np.isfinite(first) else math.nan
     latency_sum_s = sum(lat) / 1000.0
     out = {
         "preset": preset.name, "step_seconds": preset.step_seconds, "minutes": run["minutes"],
@@ -944,21 +950,18 @@ def _display_path(path: Path) -> str:
     return str(path)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     if any(a == "--render" or a.startswith("--render=") for a in argv_list):
         return render(argv_list)
     ap = argparse.ArgumentParser(prog="python -m loadtest.long_stream", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_server_arguments(ap, "a running server's gRPC (or HTTP, with --protocol http) host:port")
+    add_server_arguments(ap, "a running server's gRPC (or HTTP, with --protocol http) host:port",
+                         preset_help="the one preset to stream (default very_high)")
     ap.add_argument("--server-pid", type=int, default=None,
                     help="with --url: the tritonserver's pid, to measure its processes' memory (default: not measured)")
     ap.add_argument("--minutes", type=float, default=120.0, help="stream length in minutes of audio (default 120)")
-    ap.add_argument("--protocol", choices=("grpc", "grpc-stream", "http"), default="grpc")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default %(default)s)")
     ap.add_argument("--rss-every", type=int, default=None,
                     help=f"sample memory every N requests (default: about {RSS_SAMPLES_TARGET} samples per run)")
@@ -992,7 +995,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # kill PID = Ctrl-C
+        previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # kill PID = Ctrl-C
     try:
         return _run(args, preset, label, out, command)
     finally:

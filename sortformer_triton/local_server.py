@@ -389,7 +389,8 @@ class LocalTritonServer:
         return f"LocalTritonServer({str(self.model_repository)!r}, {state})"
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """A signal handler (for SIGTERM) that takes the Ctrl-C path."""
     raise KeyboardInterrupt
 
 
@@ -428,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  metrics {server.metrics_url}", flush=True)
     print(f"  log     {server.log_path}", flush=True)
     print("Ctrl-C to stop.", flush=True)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # docker/systemd stop: same clean path
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # docker/systemd stop: same clean path
     try:
         code = server.wait()
         print(f"tritonserver exited with code {code}; log {server.log_path}", file=sys.stderr)

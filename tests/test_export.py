@@ -8,7 +8,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 

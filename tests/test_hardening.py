@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from clients.sortformer_client import DiarizationClient, ModelUnavailable, Result, new_sequence_id
-from sortformer_triton import contract
 from sortformer_triton.presets import PresetError, get_preset
 from sortformer_triton.samples import conversation
 from tests.rawseq import RawSequence, steps

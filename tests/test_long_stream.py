@@ -60,6 +60,32 @@ def test_process_tree_memory_finds_children(tmp_path: Path) -> None:
     assert math.isnan(sample.server_rss_mb) and sample.client_rss_mb > 0 and sample.processes == {}
 
 
+def test_cpu_meter_counts_a_process_from_when_it_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process found by ``refresh`` adds only the CPU it spends afterwards (not its whole lifetime); one
+    that ended stops counting (no negative step)."""
+    tree, cpu = [1], {1: 10.0, 2: 500.0}
+
+    def cpu_seconds(pid: int) -> float:
+        if pid not in cpu:
+            raise OSError(f"no process {pid}")
+        return cpu[pid]
+
+    monkeypatch.setattr(ls, "process_tree", lambda root: list(tree))
+    monkeypatch.setattr(ls, "cpu_seconds", cpu_seconds)
+    meter = ls.CpuMeter(1)
+    cpu[1] = 10.5
+    assert meter.delta_ms() == pytest.approx(500.0)
+    tree.append(2)
+    meter.refresh()
+    cpu[1], cpu[2] = 11.0, 500.25
+    assert meter.delta_ms() == pytest.approx(750.0)
+    tree.remove(2)
+    del cpu[2]
+    cpu[1] = 11.1
+    assert meter.delta_ms() == pytest.approx(100.0)
+    assert math.isnan(ls.CpuMeter(None).delta_ms())
+
+
 def test_warmup_covers_the_filling_of_speaker_cache_and_fifo() -> None:
     low, very_high = get_preset("low"), get_preset("very_high")
     assert ls.warmup_requests(low) * low.chunk_len >= low.spkcache_len + low.fifo_len + low.right_context

@@ -52,7 +52,7 @@ if _REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from clients.sortformer_client import NO_RETRY, DiarizationClient, DiarizationError  # noqa: E402
+from clients.sortformer_client import NO_RETRY, PROTOCOLS, DiarizationClient, DiarizationError  # noqa: E402
 from loadtest.perf_analyzer.make_input_data import default_seconds, stream_audio  # noqa: E402
 from sortformer_triton.presets import SAMPLE_RATE, Preset, get_preset  # noqa: E402
 
@@ -67,7 +67,7 @@ STEP_FIELDS = ["user", "stream", "sequence_id", "index", "kind", "ready_s", "sen
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("sortformer live streams")
     group.add_argument("--preset", default="low", help="streaming preset (ensemble diarizer_<preset>)")
-    group.add_argument("--protocol", default="grpc", choices=["grpc", "grpc-stream", "http"],
+    group.add_argument("--protocol", default="grpc", choices=PROTOCOLS,
                        help="client-library transport (default grpc: unary calls on one shared channel)")
     group.add_argument("--audio-seconds", type=float, default=0.0,
                        help="length of each stream's conversation (0 = per preset: 30/30/60/90 s)")

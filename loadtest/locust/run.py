@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from clients.sortformer_client import PROTOCOLS
 from sortformer_triton.presets import Preset
 
 from ..common import (REPO_ROOT, add_server_arguments, machine_info, parse_int_list, parse_presets, results_dir, serve,
@@ -180,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--run-time", type=float, default=30.0, help="seconds per run (default %(default)s)")
     ap.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
     ap.add_argument("--audio-seconds", type=float, default=None, help="conversation length per stream")
-    ap.add_argument("--protocol", choices=["grpc", "grpc-stream", "http"], default="grpc")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds excluded from the percentiles (default: spawning + two step periods)")
     ap.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S)
