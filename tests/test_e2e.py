@@ -5,8 +5,8 @@ lengths run concurrently, starting at different times (so Triton's ``oldest`` ba
 of different ages in one batch), each fed in its own arbitrary pieces. Every stream must
 
 - confirm every frame by END (``protocol.expected_frames``), in exactly ``requests_for`` requests;
-- equal the in-process ONNX reference (``export.reference.StatefulGraph`` + ``ort_fn`` on the same
-  model.onnx files, ``stream_through``) within 1e-5, and NeMo's own streaming loop
+- equal the in-process ONNX reference (``inprocess.repository_graphs`` on the same model.onnx
+  files, ``stream_through``) within 1e-5, and NeMo's own streaming loop
   (``export.reference.nemo_stream``, async_streaming=True, on the same seeded weights) within 1e-4;
 - report segments that replay exactly: each response's SEGMENTS equal what the postprocessor logic
   (``segments_codec.StreamPostprocessor``) gives for that response's frames, finalized segments are
@@ -29,6 +29,7 @@ import pytest
 
 from clients.sortformer_client import DiarizationClient, Result, Update, new_sequence_id
 from sortformer_triton import contract
+from sortformer_triton.inprocess import repository_graphs
 from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.presets import PRESETS, Preset, requests_for
 from sortformer_triton.protocol import expected_frames
@@ -82,19 +83,13 @@ def _audio(preset: str, k: int, seconds: float, speakers: int) -> np.ndarray:
     return conversation(seconds, n_speakers=speakers, seed=seed)[0]
 
 
-def _onnx_graphs(repo: Path, preset: Preset, emb_dim: int):
-    from sortformer_triton.inprocess import repository_graphs
-
-    return repository_graphs(repo / "local", preset, emb_dim)
-
-
 @pytest.fixture(scope="module")
 def onnx_reference(tiny_repository: Path, tiny_export_info) -> Callable[[Preset, Sequence[np.ndarray]], List[np.ndarray]]:
     """ONNX Runtime on the served model.onnx files, streams batched together as Triton would."""
     from export.reference import stream_through
 
     def run(preset: Preset, audios: Sequence[np.ndarray]) -> List[np.ndarray]:
-        pre, step = _onnx_graphs(tiny_repository, preset, int(tiny_export_info["emb_dim"]))
+        pre, step = repository_graphs(tiny_repository / "local", preset, int(tiny_export_info["emb_dim"]))
         return [r.preds for r in stream_through(pre, step, preset, list(audios), list(range(len(audios))))]
 
     return run

@@ -26,8 +26,15 @@ PRESET = get_preset("low")
 STEP = PRESET.step_samples
 
 
-def _graphs(repo: Path, emb_dim: int) -> Tuple[StatefulGraph, StatefulGraph]:
-    return repository_graphs(repo / "local", PRESET, emb_dim)
+@pytest.fixture(scope="module")
+def graphs(tiny_repository: Path, tiny_export_info) -> Tuple[StatefulGraph, StatefulGraph]:
+    """The preset's preprocessor and sortformer ONNX sessions, loaded once per module."""
+    return repository_graphs(tiny_repository / "local", PRESET, int(tiny_export_info["emb_dim"]))
+
+
+def _fresh(graph: StatefulGraph) -> StatefulGraph:
+    """The same session with no sequence state (each test keeps its own)."""
+    return StatefulGraph(graph.fn, graph.io)
 
 
 def _good_audio(rng: np.random.Generator) -> np.ndarray:
@@ -71,8 +78,8 @@ def _run_pre(pre: StatefulGraph, ids: List[int], starts: List[bool], audio: np.n
 
 
 @pytest.mark.parametrize("name, mutation, length, ended, bits", BAD_CASES, ids=[b[0] for b in BAD_CASES])
-def test_bad_row_gets_its_error_and_changes_nothing(tiny_repository: Path, tiny_export_info, name, mutation, length, ended, bits) -> None:
-    pre, _ = _graphs(tiny_repository, int(tiny_export_info["emb_dim"]))
+def test_bad_row_gets_its_error_and_changes_nothing(graphs, name, mutation, length, ended, bits) -> None:
+    pre = _fresh(graphs[0])
     rng = np.random.default_rng(1)
     first = np.stack([_good_audio(rng) for _ in range(3)])
     # three streams, one step each; stream 2's step ends its audio when the case needs that
@@ -82,7 +89,7 @@ def test_bad_row_gets_its_error_and_changes_nothing(tiny_repository: Path, tiny_
     good = np.stack([_good_audio(rng) for _ in range(3)])
     bad = good.copy()
     bad[1] = _mutate(good[1], mutation)
-    clean_pre = StatefulGraph(pre.fn, pre.io)
+    clean_pre = _fresh(pre)
     clean_pre.states = {sid: {k: v.copy() for k, v in s.items()} for sid, s in before.items()}
 
     out = _run_pre(pre, [1, 2, 3], [False] * 3, bad, [STEP, length, STEP])
@@ -121,9 +128,9 @@ def _stream(pre: StatefulGraph, step: StatefulGraph, audio: np.ndarray, insert_b
     return asm.confirmed
 
 
-def test_refused_requests_inside_a_stream_change_nothing(tiny_repository: Path, tiny_export_info) -> None:
+def test_refused_requests_inside_a_stream_change_nothing(graphs) -> None:
     audio = conversation(9.3, n_speakers=3, seed=4)[0]
-    pre, step = _graphs(tiny_repository, int(tiny_export_info["emb_dim"]))
+    pre, step = (_fresh(g) for g in graphs)
     clean = _stream(pre, step, audio, ())
     n_steps = len(list(iter_steps(PRESET, audio)))
     messy = _stream(pre, step, audio, (0, 1, 5, n_steps - 3, n_steps - 1))

@@ -44,7 +44,7 @@ def test_synthetic_audio_is_lazy_exact_and_deterministic() -> None:
         ls.SyntheticLongAudio(0)
 
 
-def test_process_tree_memory_finds_children(tmp_path: Path) -> None:
+def test_process_tree_memory_finds_children() -> None:
     child = subprocess.Popen(["sleep", "30"])
     try:
         tree = ls.process_tree(os.getpid())

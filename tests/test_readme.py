@@ -4,7 +4,8 @@ from pathlib import Path
 from sortformer_triton.contract import tensor_table_markdown
 from sortformer_triton.presets import PRESETS
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_tensor_table_is_current():
@@ -21,9 +22,6 @@ def test_preset_table_is_current():
                f"{p.left_context} | {p.fifo_len} | {p.spkcache_update_period} | {p.spkcache_len} | "
                f"{round(p.step_seconds, 2):g} s |")
         assert row in README, row
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_module_and_script_the_readme_runs_exists():

@@ -37,7 +37,7 @@ from clients.sortformer_client import (
     new_sequence_id,
 )
 from loadtest.long_stream import tree_memory
-from sortformer_triton import repository
+from sortformer_triton import contract, repository
 from sortformer_triton.local_server import LocalTritonServer
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
@@ -54,10 +54,11 @@ def _repository(tiny_repository: Path, dest: Path, emb_dim: int, idle_seconds: i
                 **options) -> Path:
     """The tiny model's local repository, two presets, configs regenerated with ``options``."""
     root = dest / "local"
-    keep = {n for p in PRESETS for n in (f"preprocessor_{p.name}", f"sortformer_{p.name}", f"diarizer_{p.name}")}
+    keep = {contract.POSTPROCESSOR} | {name(p) for p in PRESETS for name in
+                                        (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
     shutil.copytree(tiny_repository / "local", root,
                     ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"
-                                             and (Path(d) / n).is_dir() and n not in keep | {"postprocessor"}])
+                                             and (Path(d) / n).is_dir() and n not in keep])
     repository.write_configs(root, "local", PRESETS, emb_dim, sequence_idle_seconds=idle_seconds, **options)
     return root
 
@@ -288,6 +289,7 @@ def test_backlog_wait_longer_than_the_idle_timeout_loses_the_sequence(tiny_repos
 
 
 # ---- 5. restart --------------------------------------------------------------------------------
+@pytest.mark.triton  # starts its own LocalTritonServer (not through the triton_server fixture)
 def test_server_killed_mid_stream_then_restarted(tiny_repository, tiny_export_info, tmp_path) -> None:
     repo = _repository(tiny_repository, tmp_path, int(tiny_export_info["emb_dim"]))
     audio = conversation(6.0, n_speakers=3, seed=12)[0]
