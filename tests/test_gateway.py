@@ -37,11 +37,11 @@ from clients.sortformer_client import (
     StreamError,
     Update,
 )
-from sortformer_triton.local_server import free_port
+from sortformer_triton.local_server import REPO_ROOT as ROOT
+from sortformer_triton.local_server import free_port, log_tail
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 
-ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT_ENV = "SORTFORMER_GATEWAY_SCREENSHOT"
 SKIP_BROWSER_ENV = "SORTFORMER_SKIP_BROWSER_TESTS"
 
@@ -99,6 +99,7 @@ def test_decode_pcm() -> None:
     assert messages.decode_pcm(b"").size == 0
     for data, fragment in ((b"\x00" * 6, "multiple of 4"),
                            (np.array([0.0, np.nan], "<f4").tobytes(), "NaN"),
+                           (np.array([0.0, -5.0], "<f4").tobytes(), "peaks at 5"),  # unscaled: the server refuses it
                            (b"\x00" * (messages.MAX_FRAME_BYTES + 4), "exceeds")):
         with pytest.raises(messages.ProtocolError) as info:
             messages.decode_pcm(data)
@@ -107,11 +108,12 @@ def test_decode_pcm() -> None:
 
 def test_update_message_carries_the_update_exactly() -> None:
     update = _update(confirmed=6, tentative=7)
-    msg = json.loads(json.dumps(messages.update_message(update, frames_confirmed=16), allow_nan=False))
+    msg = json.loads(json.dumps(messages.update_message(update, sequence_id=2 ** 62 + 7), allow_nan=False))
     assert msg["type"] == "update" and msg["index"] == 3 and msg["frame_offset"] == 10
     assert np.array_equal(np.asarray(msg["confirmed"], np.float32), update.confirmed)  # float32 survives JSON
     assert np.array_equal(np.asarray(msg["tentative"], np.float32), update.tentative)
     assert msg["tentative_offset"] == 16 and msg["frames_confirmed"] == 16
+    assert msg["sequence_id"] == str(2 ** 62 + 7)
     assert msg["finalized_segments"] == [{"start": 0.32, "end": 0.72, "speaker": 1,
                                           "label": "speaker_1"}]
     assert [s["speaker"] for s in msg["tentative_segments"]] == [0, 2]
@@ -199,7 +201,7 @@ class GatewayProcess:
             time.sleep(0.2)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        return log_tail(self.log_path, 4000)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

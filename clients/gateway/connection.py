@@ -59,7 +59,7 @@ class Connection:
                     await self._on_text(message["text"])
         finally:
             self._open = False
-            await self._end_stream(abort=True)
+            await self._end_stream()
 
     # ---- browser -> gateway ---------------------------------------------------------------------
     async def _on_text(self, text: str) -> None:
@@ -116,7 +116,7 @@ class Connection:
         try:
             samples = messages.decode_pcm(data)
         except ProtocolError as exc:
-            await self._end_stream(abort=True)
+            await self._end_stream()
             await self._error(exc.code, str(exc), stream_ended=True)
             return
         rate = self._stream.start.sample_rate
@@ -124,7 +124,7 @@ class Connection:
         limit = self.gateway.config.max_pending_seconds
         if self._pending_samples > limit * rate:
             pending = self._pending_samples / rate
-            await self._end_stream(abort=True)
+            await self._end_stream()
             await self._error(messages.OVERLOADED, f"{pending:.1f} s of audio are waiting for Triton (limit "
                                                    f"{limit:g} s): the server diarizes slower than real time",
                               stream_ended=True)
@@ -133,7 +133,6 @@ class Connection:
 
     # ---- the stream ---------------------------------------------------------------------------------
     async def _pump(self, stream: GatewayStream, queue: "asyncio.Queue[QueueItem]") -> None:
-        frames = 0
         try:
             while True:
                 items = [await queue.get()]
@@ -144,10 +143,10 @@ class Connection:
                     samples = np.concatenate(audio) if len(audio) > 1 else audio[0]
                     updates = await stream.feed(samples)
                     self._pending_samples -= samples.size
-                    frames = await self._send_updates(updates, frames)
+                    await self._send_updates(updates, stream.sequence_id)
                 if any(item is STOP for item in items):
                     result = await stream.close()
-                    await self._send_updates(result.tail_updates, frames)
+                    await self._send_updates(result.tail_updates, result.sequence_id)
                     self._detach(stream)  # idle before the result: the browser may start again at once
                     await self._send(messages.result_message(result))
                     log.info("stream %d finished: %.1f s, %d frames, %d segments", result.sequence_id,
@@ -160,11 +159,9 @@ class Connection:
             self._detach(stream)
             await self._exception(exc, stream_ended=True)
 
-    async def _send_updates(self, updates: Iterable[Update], frames: int) -> int:
+    async def _send_updates(self, updates: Iterable[Update], sequence_id: int) -> None:
         for update in updates:
-            frames += update.n_confirmed
-            await self._send(messages.update_message(update, frames))
-        return frames
+            await self._send(messages.update_message(update, sequence_id))
 
     def _detach(self, stream: GatewayStream) -> None:
         """The stream is over (closed or aborted): back to idle."""
@@ -172,7 +169,7 @@ class Connection:
             self._stream, self._pump_task, self._stopping = None, None, False
             self.gateway.release_stream()
 
-    async def _end_stream(self, abort: bool) -> None:
+    async def _end_stream(self) -> None:
         """Stop the pump and abort the open stream, if any (errors, disconnects)."""
         stream, task = self._stream, self._pump_task
         if stream is None:
@@ -182,9 +179,8 @@ class Connection:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if abort:
-            stream.abort_soon()
-            log.info("stream %d aborted", stream.sequence_id)
+        stream.abort_soon()
+        log.info("stream %d aborted", stream.sequence_id)
 
     # ---- gateway -> browser ---------------------------------------------------------------------------
     async def _exception(self, exc: BaseException, stream_ended: bool) -> None:

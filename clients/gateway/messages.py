@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from clients.sortformer_client import Result, Segment, Update, speaker_label
-from clients.sortformer_client.audio import check_sample_rate
+from clients.sortformer_client.audio import check_sample_rate, to_mono_float32
 from sortformer_triton.presets import FRAME_SECONDS, N_SPEAKERS, Preset
 from sortformer_triton.timeline import PARAMETER_NAMES, parse_segment_params
 
@@ -132,10 +132,10 @@ def decode_pcm(data: bytes) -> np.ndarray:
     if len(data) % 4:
         raise ProtocolError(BAD_AUDIO, f"binary frames carry float32 samples: {len(data)} bytes is not a "
                                        "multiple of 4")
-    samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
-    if samples.size and not np.isfinite(samples).all():
-        raise ProtocolError(BAD_AUDIO, "the audio holds NaN or infinite samples")
-    return samples
+    try:  # the client library's own checks (NaN/inf, the server's amplitude limit)
+        return to_mono_float32(np.frombuffer(data, dtype="<f4").astype(np.float32))
+    except ValueError as exc:
+        raise ProtocolError(BAD_AUDIO, str(exc)) from None
 
 
 # ---- gateway -> browser ---------------------------------------------------------------------------
@@ -168,11 +168,12 @@ def started_message(preset: Preset, sequence_id: int, sample_rate: int) -> Dict[
     }
 
 
-def update_message(update: Update, frames_confirmed: int) -> Dict[str, Any]:
-    """One Triton response. ``frames_confirmed``: the stream's confirmed frames including this update."""
+def update_message(update: Update, sequence_id: int) -> Dict[str, Any]:
+    """One Triton response of sequence ``sequence_id`` (a retried START moves a stream to a new id)."""
     latest = latest_probabilities(update)
     return {
         "type": "update",
+        "sequence_id": str(sequence_id),
         "index": update.index,
         "frame_offset": update.frame_offset,
         "confirmed": update.confirmed.tolist(),
@@ -182,7 +183,7 @@ def update_message(update: Update, frames_confirmed: int) -> Dict[str, Any]:
         "tentative_segments": [segment_json(s) for s in update.tentative_segments],
         "probabilities": latest[1] if latest else None,
         "probabilities_frame": latest[0] if latest else None,
-        "frames_confirmed": frames_confirmed,
+        "frames_confirmed": update.tentative_offset,  # the stream's confirmed frames, this update's included
         "finished": update.finished,
         "end": update.end,
         "latency_ms": round(update.latency_s * 1000.0, 3),

@@ -45,8 +45,9 @@ class Gateway:
         self._lock = threading.Lock()
         self.active_streams = 0
         self.connections = 0
-        # validates the default preset at start-up (PresetError is a ValueError)
-        self._admin = self._make_client(config.default_preset)
+        # validates the default preset at start-up (ProtocolError(unknown_preset) is a ValueError); any
+        # preset's client answers served_presets
+        self._admin = self.client(config.default_preset)
 
     def _make_client(self, preset: str) -> DiarizationClient:
         return DiarizationClient(self.config.triton_url, protocol=TRITON_PROTOCOL, preset=preset,
@@ -89,7 +90,7 @@ class Gateway:
 
     def close(self) -> None:
         with self._lock:
-            clients = [self._admin, *self._clients.values()]
+            clients = list(self._clients.values())
             self._clients.clear()
         for client in clients:
             client.close()

@@ -22,7 +22,6 @@ from clients.sortformer_client import (
     Result,
     ServerUnavailable,
     Stream,
-    StreamError,
     Update,
 )
 
@@ -42,7 +41,7 @@ def error_code(exc: BaseException) -> str:
         return messages.PRESET_UNAVAILABLE
     if isinstance(exc, RequestTimeout):
         return messages.TIMEOUT
-    if isinstance(exc, (StreamError, DiarizationError)):
+    if isinstance(exc, DiarizationError):  # StreamError included
         return messages.STREAM_FAILED
     return messages.INTERNAL
 
@@ -61,10 +60,6 @@ class GatewayStream:
     @property
     def sequence_id(self) -> int:
         return self._require().sequence_id
-
-    @property
-    def frames_confirmed(self) -> int:
-        return self._require().frames_confirmed
 
     async def open(self) -> None:
         """Check that Triton serves the preset (``ServerUnavailable`` / ``ModelUnavailable``), then open

@@ -39,9 +39,9 @@ def to_mono_float32(samples: np.ndarray) -> np.ndarray:
         arr = arr[:, 0] if arr.shape[1] == 1 else arr.mean(axis=1)
     out = np.asarray(arr, dtype=np.float32)
     if out.size:
-        if not np.isfinite(out).all():
+        peak = float(np.abs(out).max())  # NaN and inf carry through: one pass checks both
+        if not np.isfinite(peak):
             raise ValueError("audio holds NaN or infinite samples")
-        peak = float(np.abs(out).max())
         if peak > MAX_ABS_AMPLITUDE:
             raise ValueError(
                 f"float audio must be in [-1, 1]; this peaks at {peak:g} (beyond the server's limit "

@@ -37,7 +37,7 @@ from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
 from sortformer_triton.timeline import Segment
 
-from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k, to_mono_float32
+from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k
 from .chunker import StepChunker
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
 from .results import Result, Update
@@ -459,7 +459,7 @@ class DiarizationClient:
 
         ``progress(done, total)`` is called after every response (``total`` = requests of the stream).
         """
-        audio16 = resample_to_16k(to_mono_float32(audio), check_sample_rate(sample_rate))
+        audio16 = resample_to_16k(audio, sample_rate)  # checks the rate and the samples (to_mono_float32)
         total = requests_for(self.preset, int(audio16.size))
         answered = [0]
 

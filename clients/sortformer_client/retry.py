@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Optional, Tuple, Type
+from typing import Tuple, Type
 
 from .errors import DiarizationError, RequestTimeout, ServerUnavailable
 
@@ -39,10 +39,10 @@ class RetryPolicy:
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
 
-    def delay(self, retry: int, rng: Optional[random.Random] = None) -> float:
+    def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0-based)."""
         base = min(self.backoff_s * 2 ** retry, self.max_backoff_s)
-        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        spread = random.uniform(-self.jitter, self.jitter)
         return max(0.0, base * (1 + spread))
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:

@@ -205,6 +205,7 @@
     state.updates += 1;
     for (const row of msg.confirmed) state.confirmed.push(row);
     state.framesConfirmed = msg.frames_confirmed;
+    state.sequenceId = msg.sequence_id;  // a retried START moves the stream to a new sequence id
     state.tentativeOffset = msg.tentative_offset;
     state.tentative = msg.tentative;
     for (const seg of msg.finalized_segments) state.finalized.push(seg);
