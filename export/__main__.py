@@ -12,11 +12,12 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from sortformer_triton import contract, repository
+from sortformer_triton import contract, repository, validator
 from sortformer_triton.presets import PRESETS, Preset, PresetError
 
 from .models import DEFAULT_HF_ID, SourceError
@@ -49,8 +50,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help=f"Hugging Face id (default {DEFAULT_HF_ID}), a .nemo file, or 'full'/'tiny' for random "
                          "init of the real architecture / a small variant for tests")
     ap.add_argument("--out", type=Path, default=repository.REPOSITORY_ROOT,
-                    help="repository root; <out>/production and <out>/local are written (default: model_repository/, "
-                         "which is only for full-size models: its configs are checked in)")
+                    help="repository root; <out>/production and <out>/local are written, each replaced as a whole "
+                         "(default: model_repository/, which is only for full-size models: its configs are checked "
+                         "in). The production flavour must pass sortformer_triton.validator (the onnxruntime "
+                         "backend's load-time rules of NGC 24.10) or nothing is written")
     ap.add_argument("--flavour", choices=[*repository.FLAVOURS, "both"], default="both",
                     help="production (onnxruntime backend, implicit state), local (embedded Python-backend server) "
                          "or both (default)")
@@ -107,16 +110,42 @@ def _place(src: Path, dst: Path) -> None:
 
 def export_repository(model, source: str, out: Path, presets: Sequence[Preset], flavours: Sequence[str],
                       **config_kw) -> dict:
-    """Write graphs + configs + Python models for `presets` into `out/<flavour>`; returns the export info."""
-    from .onnx_export import export_preprocessor, export_step
+    """Write graphs + configs + Python models for `presets` into `out/<flavour>`; returns the export info.
 
+    Everything is written into a staging directory under `out` first; the production flavour must pass
+    ``sortformer_triton.validator`` (the onnxruntime backend's load-time rules) before any flavour
+    replaces `out/<flavour>` as a whole. A refused export raises ProductionRepositoryError and leaves
+    `out` as it was.
+    """
     emb_dim = int(model.cfg.encoder.d_model)
     if out.resolve() == repository.REPOSITORY_ROOT.resolve() and emb_dim != repository.FULL_EMB_DIM:
         raise SourceError(
             f"model_repository/ holds the checked-in configs of the full-size architecture (emb_dim "
             f"{repository.FULL_EMB_DIM}); this model has emb_dim {emb_dim}: write it elsewhere with --out"
         )
-    for flavour in flavours:  # configs first: writing them resets the model directories
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
+    try:
+        info = _write_flavours(model, source, staging, presets, flavours, emb_dim, **config_kw)
+        if "production" in flavours:
+            validator.require_valid(staging / "production", shown_as=out / "production")
+            log.info("production repository passes the onnxruntime backend's load-time rules (%s)",
+                     validator.TRITON_RELEASE)
+        for flavour in flavours:
+            target = out / flavour
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / flavour, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info
+
+
+def _write_flavours(model, source: str, out: Path, presets: Sequence[Preset], flavours: Sequence[str],
+                    emb_dim: int, **config_kw) -> dict:
+    from .onnx_export import export_preprocessor, export_step
+
+    for flavour in flavours:
         repository.write_configs(out / flavour, flavour, presets, emb_dim, **config_kw)
     first = out / flavours[0]
     for p in presets:

@@ -1,4 +1,11 @@
-"""Write the two stateful graphs of a preset as ONNX files (opset <= 20, batch axis dynamic).
+"""Write the two stateful graphs of a preset as ONNX files that NGC 24.10's onnxruntime backend loads.
+
+Pinned for onnxruntime 1.19 (NGC 24.10): ONNX IR version 8 and opset 17, whatever the installed ``onnx``
+would write by default. Every input and output has a dynamic batch dimension and, after it, exactly the
+contract's static dims: the backend compares outputs *exactly*, so a dim that torch's tracer leaves
+symbolic (the speaker axis of CONFIRMED/TENTATIVE comes out of a gather) would make Triton refuse the
+model. Export declares the contract's dims on every graph output, and refuses to write a graph whose own
+shape inference contradicts them.
 
 Preset sizes and the model's dimensions are stored as ONNX metadata, so servers and tests can check
 that a config matches the graph instead of recomputing it (FluidAudio's lesson).
@@ -15,12 +22,53 @@ import torch
 
 from sortformer_triton import contract
 from sortformer_triton.presets import Preset
+from sortformer_triton.validator import MAX_IR_VERSION, MAX_OPSET
 
 from .graphs import StreamingFeatures, StreamingStep
 from .reference import configure_streaming
 
 OPSET = 17  # NGC 24.10's onnxruntime backend is ORT 1.19 (opset <= 21); 17 is the first with LayerNormalization
+IR_VERSION = 8  # ONNX IR of opset 17; ORT 1.19 loads IR <= 10 (onnx 1.22 would write IR 13 by default)
+assert OPSET <= MAX_OPSET and IR_VERSION <= MAX_IR_VERSION
 METADATA_KEY = "sortformer_triton"
+BATCH_DIM = "batch"
+
+
+class ExportShapeError(ValueError):
+    """The traced graph's own shapes contradict the contract (a bug in the graph module)."""
+
+
+def _declare(values, expected: Dict[str, Tuple[int, ...]], side: str) -> None:
+    """Give every graph input/output the dims [batch, *contract dims]; refuse a contradicting static dim."""
+    for value in values:
+        if value.name not in expected:
+            raise ExportShapeError(f"graph {side} {value.name!r} is not in the contract")
+        want = expected[value.name]
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(want) + 1:
+            raise ExportShapeError(f"graph {side} {value.name!r} has rank {len(dims)}, the contract says "
+                                   f"[batch, *{list(want)}]")
+        for i, (dim, size) in enumerate(zip(list(dims)[1:], want), start=1):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise ExportShapeError(f"graph {side} {value.name!r} dim {i} is {dim.dim_value}, the contract "
+                                       f"says {size}")
+            dim.Clear()
+            dim.dim_value = size
+        dims[0].Clear()
+        dims[0].dim_param = BATCH_DIM
+
+
+def declare_contract_shapes(model: onnx.ModelProto, io: contract.ModelIO) -> onnx.ModelProto:
+    """Static contract dims on every input and output, checked against ONNX's strict shape inference."""
+    ins = {t.name: t.dims for t in io.inputs} | {contract.START: (1,)} | {s.name: s.dims for s in io.states}
+    outs = {t.name: t.dims for t in io.outputs} | {contract.STATE_OUT_PREFIX + s.name: s.dims for s in io.states}
+    _declare(model.graph.input, ins, "input")
+    _declare(model.graph.output, outs, "output")
+    try:  # an inferred static dim that differs from a declared one fails here
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises InferenceError subclasses of several kinds
+        raise ExportShapeError(f"ONNX shape inference contradicts the contract's shapes: {exc}") from exc
+    return model
 
 
 def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Tensor], List[str]]:
@@ -40,7 +88,7 @@ def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Te
 
 def _export(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata: Dict[str, object]) -> Path:
     names, example, outputs = _example(io, batch=2)
-    dynamic = {n: {0: "batch"} for n in names + outputs}
+    dynamic = {n: {0: BATCH_DIM} for n in names + outputs}
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,7 +96,11 @@ def _export(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata:
             module, tuple(example), str(path), input_names=names, output_names=outputs,
             dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
-    model = onnx.load(str(path))
+    model = declare_contract_shapes(onnx.load(str(path)), io)
+    model.ir_version = IR_VERSION
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    if opsets != {"": OPSET}:
+        raise ExportShapeError(f"torch wrote opsets {opsets}, expected only the default domain at {OPSET}")
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
     onnx.checker.check_model(model)

@@ -24,5 +24,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -r requirements.txt -r requirements-export.txt
   touch "$stamp"
 fi
+# NGC 24.10's onnxruntime (1.19.2) in a venv of its own: tests load every production graph in it
+.venv/bin/python -m loadtest.ort_versions --install 1.19.2 >/dev/null
 # the embedded tritonserver needs the Python backend stub for this interpreter next to its backends
 .venv/bin/python -c "from sortformer_triton.local_server import find_tritonserver; find_tritonserver()"
