@@ -159,14 +159,15 @@ def markdown(rows: Sequence[Dict[str, object]], repository: Path, preset: str, s
         f"{WARMUP_STEPS} warm-up steps).",
         "",
         "| onnxruntime | sortformer step median / p90 ms | ratio | preprocessor median / p90 ms | ratio | "
-        "max \\|Δ preds\\| vs first | steps | all confirmed |",
-        "|---|---|---|---|---|---|---|---|",
+        "max \\|Δ preds\\| vs first | steps | all confirmed | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['onnxruntime']} | {r['sortformer_median_ms']:.1f} / {r['sortformer_p90_ms']:.1f} | "
             f"{r['ratio_sortformer']:.2f} | {r['preprocessor_median_ms']:.2f} / {r['preprocessor_p90_ms']:.2f} | "
-            f"{r['ratio_preprocessor']:.2f} | {r['max_abs_diff_vs_first']:.1e} | {r['steps']} | {r['finished']} |")
+            f"{r['ratio_preprocessor']:.2f} | {r['max_abs_diff_vs_first']:.1e} | {r['steps']} | {r['finished']} | "
+            f"{r['load']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

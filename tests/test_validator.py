@@ -308,3 +308,60 @@ def test_production_graphs_in_onnxruntime_1_19_2_equal_the_reference(production:
         assert ours.finished and theirs.shape == ours.preds.shape == ref.preds.shape
         assert max_abs_diff(ours.preds, theirs) <= 1e-5
         assert max_abs_diff(ref.preds, theirs) <= 1e-4
+
+
+def test_a_custom_preset_exports_a_repository_that_passes(tiny, tmp_path: Path) -> None:
+    """Static output dims come from the contract, so custom sizes get them too (validated by export itself)."""
+    from export.__main__ import export_repository
+    from sortformer_triton.presets import Preset
+
+    custom = Preset("mine", chunk_len=12, right_context=3, left_context=2, fifo_len=60, spkcache_update_period=50,
+                    spkcache_len=100)
+    export_repository(tiny, "tiny", tmp_path, [custom], ["production"])
+    assert validator.validate_repository(tmp_path / "production") == []
+    session = ort.InferenceSession(str(_graph_path(tmp_path / "production", contract.sortformer_name(custom))),
+                                   providers=["CPUExecutionProvider"])
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    assert shapes[contract.CONFIRMED] == ["batch", 12, 4] and shapes[contract.TENTATIVE] == ["batch", 3, 4]
+
+
+_RUN_EVERY_GRAPH = r"""
+import json, sys
+import numpy as np, onnxruntime as ort
+types = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64}
+report = {}
+for spec in json.loads(sys.argv[1]):
+    session = ort.InferenceSession(spec["path"], providers=["CPUExecutionProvider"])
+    feeds = {n: np.zeros([2, *d], types[t]) for n, (t, d) in spec["inputs"].items()}
+    feeds["START"] = np.ones([2, 1], np.int32)
+    names = [o.name for o in session.get_outputs()]
+    report[spec["path"]] = {n: [list(v.shape), str(v.dtype)] for n, v in zip(names, session.run(names, feeds))}
+print(json.dumps({"version": ort.__version__, "report": report}))
+"""
+
+
+def test_every_production_graph_loads_and_runs_in_onnxruntime_1_19_2(production: Path, ngc_python: Path) -> None:
+    """Every onnxruntime model of every preset, in NGC 24.10's onnxruntime, fed zeros shaped by its config
+    (batch 2, START=1), returns exactly the config's output and state shapes and dtypes."""
+    import json
+
+    np_names = {"TYPE_FP32": "float32", "TYPE_INT32": "int32", "TYPE_INT64": "int64"}
+    specs, expected = [], {}
+    for config_path in sorted(production.glob("*/config.pbtxt")):
+        config = repository.parse(config_path.read_text())
+        if config.backend != "onnxruntime":
+            continue
+        dtype = lambda t: repository.mc.DataType.Name(t.data_type)  # noqa: E731
+        path = str(config_path.parent / "1" / config.default_model_filename)
+        inputs = {t.name: (dtype(t), list(t.dims)) for t in config.input}
+        inputs.update({s.input_name: (dtype(s), list(s.dims)) for s in config.sequence_batching.state})
+        specs.append({"path": path, "inputs": inputs})
+        want = {t.name: [[2, *t.dims], np_names[dtype(t)]] for t in config.output}
+        want.update({s.output_name: [[2, *s.dims], np_names[dtype(s)]] for s in config.sequence_batching.state})
+        expected[path] = want
+    assert len(specs) == 2 * len(PRESETS)
+    proc = subprocess.run([str(ngc_python), "-c", _RUN_EVERY_GRAPH, json.dumps(specs)], capture_output=True,
+                          text=True, check=True)
+    result = json.loads(proc.stdout)
+    assert result["version"] == validator.ORT_VERSION
+    assert result["report"] == expected
