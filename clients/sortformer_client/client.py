@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import numpy as np
 
-from sortformer_triton import contract
+from sortformer_triton import contract, server_flags
 from sortformer_triton.presets import PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
@@ -301,7 +301,9 @@ class DiarizationClient:
     requests of one stream on the wire at once in ``grpc-stream`` mode (1 = wait for each response).
     ``retry``: how a stream's first request (START) is retried when the server is unavailable or does
     not answer in time (default ``RetryPolicy()``: 3 tries, 0.5 s then 1 s apart; ``NO_RETRY`` for
-    none); later requests are never retried (see ``retry.py``).
+    none); later requests are never retried (see ``retry.py``). ``http_inference_key``: the key HTTP
+    inference needs on this project's servers (header ``triton-inference-key``; default: the
+    environment variable ``SORTFORMER_TRITON_HTTP_INFERENCE_KEY``; gRPC needs none).
 
     Nothing is contacted on construction; :meth:`check` verifies server and model. Thread-safe: many
     threads may open and drive their own streams on one client.
@@ -309,8 +311,10 @@ class DiarizationClient:
 
     def __init__(self, url: str, protocol: str = "grpc", preset: Union[str, Preset] = "low",
                  timeout: float = DEFAULT_TIMEOUT_S, max_in_flight: int = 1,
-                 retry: Optional[RetryPolicy] = None) -> None:
+                 retry: Optional[RetryPolicy] = None, http_inference_key: Optional[str] = None) -> None:
         self.protocol = check_protocol(protocol)
+        key = http_inference_key or server_flags.configured_http_inference_key()
+        self._http_headers = server_flags.http_inference_headers(key) if key else {}
         self.url = normalize_url(url, self.protocol)
         self.preset: Preset = preset if isinstance(preset, Preset) else get_preset(preset)
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -440,7 +444,8 @@ class DiarizationClient:
     def _open_transport(self) -> Transport:
         shared = self._shared_grpc() if self.protocol == "grpc" else None
         return open_transport(self.protocol, self.url, self.model_name, self.preset, self.timeout,
-                              shared_grpc=shared, max_in_flight=self.max_in_flight)
+                              shared_grpc=shared, max_in_flight=self.max_in_flight,
+                              http_headers=self._http_headers)
 
     def _forget(self, sequence_id: int) -> None:
         with self._lock:
