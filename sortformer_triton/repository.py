@@ -32,6 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from . import contract
 from .contract import ModelIO, Tensor
 from .presets import PRESETS, SAMPLE_RATE, Preset
+from .timeline import parse_segment_params
 
 # ---- constants ----------------------------------------------------------------------------------
 FULL_EMB_DIM = 512  # fc_d_model of the released 4spk-v2/v2.1 checkpoints: the checked-in repository
@@ -257,15 +258,7 @@ def postprocessor_parameters(overrides: Optional[Mapping[str, Union[float, int]]
         raise ValueError(f"unknown postprocessor parameters {sorted(unknown)}; "
                          f"known: {sorted(POSTPROCESSOR_DEFAULTS)}")
     params.update(overrides or {})
-    for key in ("onset", "offset"):
-        if not 0.0 <= float(params[key]) <= 1.0:
-            raise ValueError(f"postprocessor {key} must be a probability in [0, 1], got {params[key]}")
-    for key in ("pad_onset", "pad_offset", "min_duration_on", "min_duration_off"):
-        if float(params[key]) < 0.0:
-            raise ValueError(f"postprocessor {key} is a duration in seconds, must be >= 0, got {params[key]}")
-    window = params["median_filter_frames"]
-    if isinstance(window, bool) or int(window) != window or window < 1 or int(window) % 2 == 0:
-        raise ValueError(f"median_filter_frames must be an odd integer >= 1 (1 = off), got {window}")
+    parse_segment_params(params)  # the timeline's own checks and bounds (ValueError with the reason)
     return params
 
 
@@ -343,6 +336,15 @@ def _unique_presets(presets: Iterable[Preset]) -> List[Preset]:
     names = [p.name for p in chosen]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate presets in {names}")
+    shapes: Dict[Tuple[int, int], str] = {}
+    for p in chosen:  # the shared postprocessor tells presets apart by CONFIRMED / TENTATIVE rows
+        shape = (p.chunk_len, max(p.right_context, 1))
+        if shape in shapes:
+            raise ValueError(
+                f"presets {shapes[shape]!r} and {p.name!r} share chunk_len {shape[0]} and right context "
+                f"{shape[1]}: the shared postprocessor could not tell their streams apart; serve them from "
+                "separate repositories")
+        shapes[shape] = p.name
     return chosen
 
 

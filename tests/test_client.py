@@ -69,7 +69,7 @@ def fake_outputs(preset: Preset, end: bool) -> Dict[str, np.ndarray]:
         contract.N_TENTATIVE: np.zeros((1, 1), np.int32),
         contract.FRAME_OFFSET: np.zeros((1, 1), np.int64),
         contract.FINISHED: np.array([[int(end)]], np.int32),
-        contract.SEGMENTS: np.zeros((1, contract.MAX_SEGMENTS, 4), np.float32),
+        contract.SEGMENTS: np.zeros((1, contract.segment_rows(preset.chunk_len), 4), np.float32),
         contract.N_SEGMENTS: np.zeros((1, 1), np.int32),
     }
 

@@ -5,6 +5,7 @@ zero initial state, idle timeouts longer than a step, Python models keeping thei
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sortformer_triton import contract, repository
-from sortformer_triton.presets import PRESETS
+from sortformer_triton.presets import PRESETS, get_preset
 
 ALL = list(PRESETS.values())
 EMB = repository.FULL_EMB_DIM
@@ -339,8 +340,17 @@ def test_ensemble_wiring(configs) -> None:
                     assert all(a == b or b == -1 for a, b in zip(have[1], want[1])), (flavour, key)
                 for key, value in step.output_map.items():
                     produced[value] = model_out[key]
-            for t in ens.output:
-                assert produced[t.name] == (t.data_type, list(t.dims)), (flavour, t.name)
+            for t in ens.output:  # a -1 dim of the composing model is fixed by the ensemble (SEGMENTS rows)
+                have = produced[t.name]
+                assert have[0] == t.data_type and len(have[1]) == len(t.dims), (flavour, t.name)
+                assert all(a == b or a == -1 for a, b in zip(have[1], t.dims)), (flavour, t.name)
+            assert list(ens.output[6].dims) == [contract.segment_rows(p.chunk_len), 4]
+
+
+def test_presets_the_shared_postprocessor_cannot_tell_apart_are_refused() -> None:
+    twin = dataclasses.replace(get_preset("low"), name="low_twin", fifo_len=100)
+    with pytest.raises(ValueError, match="share chunk_len 6 and right context 7"):
+        repository.model_configs("local", [get_preset("low"), twin], emb_dim=8)
 
 
 def test_validate_catches_broken_ensembles(configs) -> None:

@@ -8,13 +8,19 @@ on PYTHONPATH for that import.
 Model config ``parameters`` (strings): onset, offset, pad_onset, pad_offset, min_duration_on,
 min_duration_off, median_filter_frames, state_ttl_seconds (>= the sequence idle timeout, because a
 Python model is never told that Triton reaped an idle sequence). A request's ``parameters`` may set the
-same segment parameters (not the TTL) on its START request; later requests of the sequence may repeat
-them but not change them. Keys the postprocessor does not know are ignored: an ensemble hands every
-request's parameters to all of its steps.
+same segment parameters (not the TTL) on its START request, within the bounds of
+``timeline.SegmentParams``. Later requests' parameters are ignored: the postprocessor is the ensemble's
+last step, so refusing one of them would come after the stateful steps moved and break the stream.
+Keys the postprocessor does not know are ignored: an ensemble hands every request's parameters to all
+of its steps.
+
+Streams are keyed by (CORRID, chunk_len, right context) -- the shapes of CONFIRMED and TENTATIVE --
+because one postprocessor serves every preset and Triton's sequences are per model: the same id may run
+on two presets at once (the generator refuses presets that share both sizes). Refusals are Triton
+``INVALID_ARG`` errors (gRPC INVALID_ARGUMENT, HTTP 400), not INTERNAL.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -38,7 +44,7 @@ from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
-from sortformer_triton.timeline import SegmentParams, parse_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_segment_params  # noqa: E402
 
 START, END, CORRID = contract.START, contract.END, contract.CORRID
 
@@ -55,6 +61,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"postprocessor: bad model config parameters: {exc}")
         self.batched = int(model_config.get("max_batch_size", 0)) > 0
         self.store: SequenceStore[StreamPostprocessor] = SequenceStore(ttl)
+        self.invalid_arg = pb_utils.TritonError.INVALID_ARG
 
     def execute(self, requests: List[Any]) -> List[Any]:
         """One response per request, in order; a failing request does not affect the others."""
@@ -73,10 +80,12 @@ class TritonPythonModel:
     def _respond(self, request: Any) -> Any:
         try:
             rows, n_rows = self._run(request)
-        except Exception as exc:  # every failure becomes this request's error, never the batch's
-            kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
             return pb_utils.InferenceResponse(
-                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {kind}{exc}"))
+                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {exc}", self.invalid_arg))
+        except Exception as exc:  # every failure becomes this request's error, never the batch's
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {type(exc).__name__}: {exc}"))
         n = np.array([n_rows], np.int32)
         if self.batched:
             rows, n = rows[None], n[None]
@@ -88,27 +97,25 @@ class TritonPythonModel:
     def _run(self, request: Any) -> Tuple[np.ndarray, int]:
         corrid = _scalar(request, CORRID)
         start, end = bool(_scalar(request, START)), bool(_scalar(request, END))
+        confirmed, tentative = _input(request, contract.CONFIRMED), _input(request, contract.TENTATIVE)
+        chunk_len = confirmed.shape[-2]
+        key = (corrid, chunk_len, tentative.shape[-2])  # one postprocessor, every preset: see the docstring
         try:
-            overrides = _request_parameters(request)
             if start:
-                params = parse_segment_params(overrides, self.params)
-                stream = self.store.start(corrid, lambda: StreamPostprocessor(params))
+                params = parse_segment_params(_request_parameters(request), self.params)
+                stream = self.store.start(
+                    key, lambda: StreamPostprocessor(params, contract.segment_rows(chunk_len)))
             else:
-                stream = self.store.get(corrid)
+                stream = self.store.get(key)
                 if stream is None:
                     raise ValueError(
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
                         f"ended, or it was idle > {self.store.ttl_seconds:g} s and expired")
-                params = parse_segment_params(overrides, stream.params)
-                if params != stream.params:
-                    raise ValueError(
-                        f"segment parameters can only be set on a sequence's START request "
-                        f"(sequence {corrid} runs with {_differences(stream.params, params)})")
             _refuse_bad_audio(request, end)
             return stream.step(
-                confirmed=_input(request, contract.CONFIRMED),
+                confirmed=confirmed,
                 n_confirmed=_input(request, contract.N_CONFIRMED),
-                tentative=_input(request, contract.TENTATIVE),
+                tentative=tentative,
                 n_tentative=_input(request, contract.N_TENTATIVE),
                 frame_offset=int(_input(request, contract.FRAME_OFFSET).reshape(-1)[0]),
                 finished=bool(_input(request, contract.FINISHED).reshape(-1)[0]),
@@ -116,7 +123,7 @@ class TritonPythonModel:
             )
         finally:
             if end:
-                self.store.pop(corrid)
+                self.store.pop(key)
 
 
 def _refuse_bad_audio(request: Any, end: bool) -> None:
@@ -151,9 +158,3 @@ def _request_parameters(request: Any) -> Dict[str, Any]:
     if not isinstance(params, dict):
         raise ValueError(f"request parameters must be a JSON object, got {text!r}")
     return params
-
-
-def _differences(current: SegmentParams, wanted: SegmentParams) -> str:
-    names = [f.name for f in dataclasses.fields(current)
-             if getattr(current, f.name) != getattr(wanted, f.name)]
-    return ", ".join(f"{n}={getattr(current, n)!r} (request asks {getattr(wanted, n)!r})" for n in names)
