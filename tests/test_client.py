@@ -366,6 +366,8 @@ def test_sequence_ids_are_random_63_bit_and_unique() -> None:
     assert client.open_streams == 0
     with pytest.raises(ValueError, match="sequence_id"):
         client.open_stream(sequence_id=0)
+    with pytest.raises(ValueError, match="2\\*\\*63-1"):  # gRPC carries it as int64 (issue 12)
+        client.open_stream(sequence_id=2 ** 63)
     client.close()
 
 

@@ -5,12 +5,12 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 
 2. segment parameters on a later request (changed or malformed) do not advance-then-kill the stream:
    they are honoured on START only and ignored afterwards, the stream ends exactly as alone;
-3. the same sequence id STARTed on two presets at once: two independent streams (xfail: Triton's
-   sequence batcher of the shared postprocessor still joins them, see the test);
+3. the same sequence id STARTed on two presets at once: two independent streams;
 4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
    64 rows ends with every segment of the offline reference;
 5. unbounded segment parameters are refused on START with the bound, before anything is allocated;
-9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults.
+9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
+10. the client library accepts exactly the sequence ids every protocol accepts (the largest works on all).
 """
 from __future__ import annotations
 
@@ -73,10 +73,6 @@ def test_parameters_on_a_later_request_leave_the_stream_intact(later, tiny_serve
 
 
 # ---- 3. one id, two presets ---------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "not fixed yet: the postprocessor keeps its streams per (CORRID, preset shape), but Triton's own "
-    "sequence batcher of the one shared postprocessor model still sees one sequence: the first END closes "
-    "it for both presets. Needs one postprocessor model per preset (export/__main__.py copies model.py once)"))
 def test_the_same_sequence_id_on_two_presets_runs_two_streams(tiny_server, audio, solo) -> None:
     sid = 3  # small ids are what load tools use
     low, ultra = RawSequence(tiny_server.grpc_url, LOW, sid), RawSequence(tiny_server.grpc_url, ULTRA, sid)
@@ -141,3 +137,13 @@ def test_refusals_are_invalid_argument(tiny_server, audio) -> None:
         assert "START" in reply.error and reply.status == INVALID, reply  # Triton's own: no START
     finally:
         seq.close()
+
+
+# ---- 10. the largest sequence id the client accepts works on every protocol ------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "grpc-stream", "http"])
+def test_the_largest_accepted_sequence_id_works_on_every_protocol(protocol, tiny_server) -> None:
+    url = tiny_server.http_url if protocol == "http" else tiny_server.grpc_url
+    with DiarizationClient(url, protocol=protocol, preset="ultra_low") as client:
+        with client.open_stream(sequence_id=2 ** 63 - 1) as stream:
+            stream.feed(np.zeros(ULTRA.step_samples * 2, np.float32))
+            assert stream.close().finished

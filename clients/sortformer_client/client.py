@@ -35,7 +35,7 @@ from sortformer_triton import contract, server_flags
 from sortformer_triton.presets import PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
-from sortformer_triton.timeline import Segment
+from sortformer_triton.timeline import Segment, parse_segment_params
 
 from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k
 from .chunker import StepChunker
@@ -415,6 +415,7 @@ class DiarizationClient:
         pad_offset, min_duration_on, min_duration_off, median_filter_frames) go to the postprocessor as
         request parameters of the START request. ``on_update`` is called with every ``Update``."""
         params = check_parameters(segment_params)
+        parse_segment_params(segment_params or {})  # the server's bounds: refused here, before any request
         sequence_id = self._reserve_id(sequence_id)
         try:
             transport = self._open_transport()
@@ -434,8 +435,11 @@ class DiarizationClient:
                     sequence_id = new_sequence_id()
             else:
                 if isinstance(sequence_id, bool) or not isinstance(sequence_id, int) \
-                        or not 0 < sequence_id < 2 ** 64:
-                    raise ValueError(f"sequence_id must be an integer in 1 .. 2**64-1, got {sequence_id!r}")
+                        or not 0 < sequence_id < 2 ** SEQUENCE_ID_BITS:
+                    # Triton's CORRID is uint64, but gRPC carries sequence_id as an int64 parameter
+                    # ("Value out of range" above 2**63-1): accept what every protocol accepts
+                    raise ValueError(f"sequence_id must be an integer in 1 .. 2**63-1 (gRPC sends it as int64), "
+                                     f"got {sequence_id!r}")
                 if sequence_id in self._open_ids:
                     raise ValueError(f"sequence {sequence_id} is still open on this client")
             self._open_ids.add(sequence_id)
