@@ -15,7 +15,12 @@ from typing import List, Optional, Tuple
 from .presets import N_MELS, N_SPEAKERS, Preset
 
 STATE_OUT_PREFIX = "out_"
-MAX_SEGMENTS = 64  # rows of the SEGMENTS output per response
+
+# Segment parameters are bounded to what makes sense for audio (a request may set them on START); the
+# median filter's bound also bounds the rows one response needs (segment_rows).
+MAX_MEDIAN_FILTER_FRAMES = 63  # frames of 80 ms: a 5 s window
+MAX_PAD_SECONDS = 10.0  # pad_onset, pad_offset
+MAX_MIN_DURATION_SECONDS = 60.0  # min_duration_on, min_duration_off
 
 # Triton control inputs. START (int32 [1], 1 on a sequence's first request) reaches every stateful model;
 # the Python-backend models (which keep their own per-sequence state) also get END and CORRID (uint64 [1]).
@@ -178,6 +183,18 @@ def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
     )
 
 
+def segment_rows(chunk_len: int) -> int:
+    """Rows of SEGMENTS per response of a preset with ``chunk_len``: every segment one response can
+    finalize fits, so the last response (END) always delivers everything.
+
+    One response settles at most ``chunk_len`` frames, plus the median filter's half window at the end
+    of the stream; over n frames a speaker has at most ceil(n / 2) segments, plus the chain and the group
+    held back from earlier responses (<= 2), plus one of margin.
+    """
+    settled = int(chunk_len) + MAX_MEDIAN_FILTER_FRAMES // 2
+    return N_SPEAKERS * ((settled + 1) // 2 + 3)
+
+
 def postprocessor_io() -> ModelIO:
     """The postprocessor serves every preset: chunk-sized tensors have a variable first dim."""
     return ModelIO(
@@ -191,8 +208,8 @@ def postprocessor_io() -> ModelIO:
             Tensor(INPUT_ERROR, "int32", (1,)),
         ],
         outputs=[
-            # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0)
-            Tensor(SEGMENTS, "float32", (MAX_SEGMENTS, 4)),
+            # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0); segment_rows(C) of them
+            Tensor(SEGMENTS, "float32", (-1, 4)),
             Tensor(N_SEGMENTS, "int32", (1,)),
         ],
     )
@@ -201,6 +218,7 @@ def postprocessor_io() -> ModelIO:
 def ensemble_io(p: Preset) -> ModelIO:
     pre, sf, post = preprocessor_io(p), sortformer_io(p, 1), postprocessor_io()
     by = {t.name: t for t in sf.outputs + post.outputs + pre.outputs}
+    by[SEGMENTS] = Tensor(SEGMENTS, "float32", (segment_rows(p.chunk_len), 4))
     names = [CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED, SEGMENTS, N_SEGMENTS]
     return ModelIO(inputs=list(pre.inputs), outputs=[by[n] for n in names])
 
@@ -214,7 +232,8 @@ def tensor_table_markdown() -> str:
                spkcache_len=29)
     emb = 7
     symbols = {p.chunk_len: "C", p.right_context: "R", p.window_mel_frames: "W", p.spkcache_len: "S", p.fifo_len: "F",
-               p.step_samples: "C x 1280", p.feature_buffer_frames: "W + 8C + 8", emb: "D", -1: "n"}
+               p.step_samples: "C x 1280", p.feature_buffer_frames: "W + 8C + 8", emb: "D", -1: "n",
+               segment_rows(p.chunk_len): "G"}
 
     def dims(t: Tensor) -> str:
         return "[" + ", ".join(symbols.get(d, str(d)) for d in t.dims) + "]"
@@ -229,6 +248,7 @@ def tensor_table_markdown() -> str:
                 rows.append(f"| {model} | {name} | {kind} | {t.dtype} | {dims(t)} |")
     legend = ("C = chunk_len, R = right_context, W = (left_context + C + R) x 8 mel frames, S = spkcache_len, "
               "F = fifo_len (R and F at least 1), D = encoder width (512 full-size), n = any (the postprocessor "
-              "serves every preset). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
+              "serves every preset), G = 4 x (floor((C + 32) / 2) + 3) segment rows (every segment one response "
+              "can finalize). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
               "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1].")
     return "\n".join(rows) + "\n\n" + legend + "\n"

@@ -169,7 +169,8 @@ class LocalTritonServer:
     Runs with ``server_flags.safe_flags``: ``model_control_mode=none`` (every model in the repository is
     loaded at start), ready (``strict_readiness``) only when all of them are, the admin APIs (model
     repository, shared memory, logging, trace) restricted to requests with the header
-    ``triton-admin-key: <admin_key>``. Ports are picked free when not given.
+    ``triton-admin-key: <admin_key>``, HTTP inference to requests with ``triton-inference-key:
+    <http_inference_key>`` (gRPC inference is open). Ports are picked free when not given.
     ``kill_with_parent`` makes the kernel kill the server when the thread that started it exits
     (keep it on in tests; turn it off when starting from a short-lived thread).
 
@@ -190,10 +191,13 @@ class LocalTritonServer:
         env: Optional[Mapping[str, str]] = None,
         kill_with_parent: bool = True,
         admin_key: Optional[str] = None,
+        http_inference_key: Optional[str] = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         # restricted admin APIs (server_flags): the key from the argument or the environment, else random
         self.admin_key = admin_key or server_flags.admin_key()
+        # HTTP inference needs this key (server_flags: Triton 2.51's HTTP JSON path can be crashed)
+        self.http_inference_key = http_inference_key or server_flags.http_inference_key()
         self._requested_ports = (http_port, grpc_port, metrics_port)
         self._ports = (0, 0, 0)
         self._log_path = Path(log_path).resolve() if log_path is not None else None
@@ -231,6 +235,11 @@ class LocalTritonServer:
     @property
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    @property
+    def http_inference_headers(self) -> Dict[str, str]:
+        """The header HTTP inference requests to this server need."""
+        return server_flags.http_inference_headers(self.http_inference_key)
 
     @property
     def log_path(self) -> Path:
@@ -292,7 +301,7 @@ class LocalTritonServer:
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
-        ], self.admin_key)
+        ], self.admin_key, self.http_inference_key)
 
     def _spawn(self, paths: TritonPaths) -> None:
         env = server_environment()
@@ -301,6 +310,7 @@ class LocalTritonServer:
         command = self._command(paths)
         with open(self.log_path, "ab") as log:
             shown = " ".join(command).replace(self.admin_key, "<admin key>")
+            shown = shown.replace(self.http_inference_key, "<http inference key>")
             log.write(f"\n==== {shown}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
@@ -424,7 +434,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(f"tritonserver ready in {server.start_seconds:.1f} s (pid {server.pid})", flush=True)
-    print(f"  HTTP    {server.http_url}", flush=True)
+    print(f"  HTTP    {server.http_url} (inference only with the header {server_flags.HTTP_INFERENCE_HEADER}: "
+          f"${server_flags.HTTP_INFERENCE_KEY_ENV}" + ("" if os.environ.get(server_flags.HTTP_INFERENCE_KEY_ENV)
+                                                       else ", unset: closed") + ")", flush=True)
     print(f"  gRPC    {server.grpc_url}", flush=True)
     print(f"  metrics {server.metrics_url}", flush=True)
     print(f"  log     {server.log_path}", flush=True)

@@ -32,6 +32,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from . import contract
 from .contract import ModelIO, Tensor
 from .presets import PRESETS, SAMPLE_RATE, Preset
+from .timeline import parse_segment_params
 
 # ---- constants ----------------------------------------------------------------------------------
 FULL_EMB_DIM = 512  # fc_d_model of the released 4spk-v2/v2.1 checkpoints: the checked-in repository
@@ -257,40 +258,46 @@ def postprocessor_parameters(overrides: Optional[Mapping[str, Union[float, int]]
         raise ValueError(f"unknown postprocessor parameters {sorted(unknown)}; "
                          f"known: {sorted(POSTPROCESSOR_DEFAULTS)}")
     params.update(overrides or {})
-    for key in ("onset", "offset"):
-        if not 0.0 <= float(params[key]) <= 1.0:
-            raise ValueError(f"postprocessor {key} must be a probability in [0, 1], got {params[key]}")
-    for key in ("pad_onset", "pad_offset", "min_duration_on", "min_duration_off"):
-        if float(params[key]) < 0.0:
-            raise ValueError(f"postprocessor {key} is a duration in seconds, must be >= 0, got {params[key]}")
-    window = params["median_filter_frames"]
-    if isinstance(window, bool) or int(window) != window or window < 1 or int(window) % 2 == 0:
-        raise ValueError(f"median_filter_frames must be an odd integer >= 1 (1 = off), got {window}")
+    parse_segment_params(params)  # the timeline's own checks and bounds (ValueError with the reason)
     return params
 
 
-def postprocessor_model(idle_us: int, candidates: int, opts: Options,
+def postprocessor_model(idle_of: Mapping[Preset, int], opts: Options,
                         overrides: Optional[Mapping[str, Union[float, int]]]) -> mc.ModelConfig:
     """The Python timeline model shared by every preset (same in both flavours).
 
-    It keeps a per-sequence timeline keyed by CORRID, hence sequence batching with START/END/CORRID and
-    its own TTL. It serves every preset's ensemble, so it needs the longest idle timeout and room for
-    every preset's sequences at once (``candidates``).
+    It keeps a timeline per (CORRID, preset) and reads CORRID, START and END from the request itself
+    (``correlation_id()``, ``flags()``: the ensemble forwards them), so it has **no sequence batcher**:
+    one sequence batcher shared by every preset would join the same id STARTed on two presets into one
+    sequence (the first END closes both), and would add a second slot limit. Plain dynamic batching
+    keeps the order Triton's one instance gets the requests in. Its state of a preset's stream expires
+    with that preset's idle timeout (``preset_state_ttl_seconds``: ``"chunk_len,right context"`` ->
+    seconds), never outliving the preset's sequence slots.
     """
     io = contract.postprocessor_io()
     values = {k: _format_param(k, v) for k, v in postprocessor_parameters(overrides).items()}
-    values["state_ttl_seconds"] = str(_ttl_seconds(idle_us))
+    values["state_ttl_seconds"] = str(max(_ttl_seconds(idle) for idle in idle_of.values()))
+    values[PRESET_TTL_PARAMETER] = json.dumps(
+        {preset_key(p): _ttl_seconds(idle) for p, idle in idle_of.items()}, sort_keys=True)
     config = mc.ModelConfig(
         name=contract.POSTPROCESSOR,
         backend="python",
         max_batch_size=opts.max_batch_size,
         input=[_input(t) for t in io.inputs],
         output=[_output(t) for t in io.outputs],
-        sequence_batching=_sequence_batching(idle_us, candidates, opts, with_end_and_corrid=True),
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
         instance_group=[_instance_group("KIND_CPU", 1)],
     )
     _set_params(config, values)
     return config
+
+
+PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"
+
+
+def preset_key(preset: Preset) -> str:
+    """How the postprocessor tells presets apart: the rows of CONFIRMED and TENTATIVE."""
+    return f"{preset.chunk_len},{max(preset.right_context, 1)}"
 
 
 def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str]) -> mc.ModelEnsembling.Step:
@@ -343,6 +350,15 @@ def _unique_presets(presets: Iterable[Preset]) -> List[Preset]:
     names = [p.name for p in chosen]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate presets in {names}")
+    shapes: Dict[Tuple[int, int], str] = {}
+    for p in chosen:  # the shared postprocessor tells presets apart by CONFIRMED / TENTATIVE rows
+        shape = (p.chunk_len, max(p.right_context, 1))
+        if shape in shapes:
+            raise ValueError(
+                f"presets {shapes[shape]!r} and {p.name!r} share chunk_len {shape[0]} and right context "
+                f"{shape[1]}: the shared postprocessor could not tell their streams apart; serve them from "
+                "separate repositories")
+        shapes[shape] = p.name
     return chosen
 
 
@@ -380,8 +396,7 @@ def model_configs(
             contract.sortformer_name(p), contract.sortformer_io(p, emb_dim), flavour, idle, opts)
         configs[contract.ensemble_name(p)] = ensemble_model(p, opts)
     configs[contract.POSTPROCESSOR] = postprocessor_model(
-        max(idle_of.values()), max_candidate_sequences * len(chosen), opts,
-        postprocessor_params)
+        {p: idle_of[p.name] for p in chosen}, opts, postprocessor_params)
     for config in configs.values():
         if flavour == "production":
             check_state_pairing(config)

@@ -1,14 +1,15 @@
 """Segments <-> the fixed-shape SEGMENTS / N_SEGMENTS outputs, and one stream's postprocessing.
 
-SEGMENTS is ``[contract.MAX_SEGMENTS, 4]`` float32 rows ``(start s, end s, speaker, finalized 1/0)``
+SEGMENTS is ``[contract.segment_rows(chunk_len), 4]`` float32 rows ``(start s, end s, speaker, finalized 1/0)``
 with N_SEGMENTS valid rows (Triton outputs have fixed shapes). Times are float32 seconds from the
 stream's start (resolution < 4 ms for streams under 9 hours; frames are 80 ms).
 
 Row budget per response (``SegmentPacker``):
 
 * finalized segments first, in reporting order. They are reported once per stream, so they must never
-  be dropped: when more are due than rows exist (possible at the end of a long high-latency step), the
-  rows are filled and the rest stays *pending*, to be sent first in the sequence's next response;
+  be dropped. ``contract.segment_rows`` sizes the rows so that every segment one response can finalize
+  fits; with fewer rows (tests) the rows are filled and the rest stays *pending*, to be sent first in the
+  sequence's next response;
 * tentative segments after them, as many as fit (earliest first). They are a view recomputed every
   step, so truncating them loses nothing for good;
 * the last response of a sequence (END) has no next response: if the pending and new finalized
@@ -20,7 +21,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .contract import MAX_SEGMENTS
 from .timeline import SegmentParams, Segment, StepResult, Timeline, TimelineError
 
 ROW_FIELDS: Tuple[str, ...] = ("start", "end", "speaker", "finalized")
@@ -30,7 +30,7 @@ class SegmentOverflowError(ValueError):
     """More finalized segments are due in a sequence's last response than SEGMENTS has rows."""
 
 
-def pack_segments(segments: Sequence[Segment], max_rows: int = MAX_SEGMENTS) -> Tuple[np.ndarray, int]:
+def pack_segments(segments: Sequence[Segment], max_rows: int) -> Tuple[np.ndarray, int]:
     """Rows ``[max_rows, 4]`` float32 (zeros after the valid ones) and the number of valid rows."""
     if len(segments) > max_rows:
         raise SegmentOverflowError(f"{len(segments)} segments do not fit in {max_rows} rows")
@@ -59,7 +59,7 @@ def unpack_segments(rows: np.ndarray, n_segments: int) -> List[Segment]:
 class SegmentPacker:
     """One sequence's row budget: finalized first (overflow carried over), tentative truncated."""
 
-    def __init__(self, max_rows: int = MAX_SEGMENTS) -> None:
+    def __init__(self, max_rows: int) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
         self._max_rows = max_rows
@@ -76,8 +76,7 @@ class SegmentPacker:
         if last and len(due) > self._max_rows:
             raise SegmentOverflowError(
                 f"{len(due)} finalized segments are due in the sequence's last response but SEGMENTS "
-                f"has {self._max_rows} rows: end streams with flush steps so segments finalize earlier, "
-                "or raise contract.MAX_SEGMENTS"
+                f"has {self._max_rows} rows (contract.segment_rows sizes them for every response)"
             )
         sent, self._pending = due[: self._max_rows], due[self._max_rows:]
         room = self._max_rows - len(sent)
@@ -87,7 +86,7 @@ class SegmentPacker:
 class StreamPostprocessor:
     """One stream in the postprocessor model: step tensors in, SEGMENTS rows out (Triton-free)."""
 
-    def __init__(self, params: Optional[SegmentParams] = None, max_rows: int = MAX_SEGMENTS) -> None:
+    def __init__(self, params: Optional[SegmentParams], max_rows: int) -> None:
         self.timeline = Timeline(params, keep_history=False)
         self.packer = SegmentPacker(max_rows)
 

@@ -15,6 +15,15 @@ plain script.
   variable ``SORTFORMER_TRITON_ADMIN_KEY``; unset, a random key is drawn per start and never shown, so
   those APIs are closed. Health, metadata, model config, statistics and inference stay open (clients,
   perf_analyzer and the metrics scrapers need them);
+- HTTP *inference* is restricted too, to requests with the header ``triton-inference-key: <key>``
+  (``SORTFORMER_TRITON_HTTP_INFERENCE_KEY``; unset: random, i.e. HTTP inference closed). Triton 2.51's
+  HTTP JSON path allocates a tensor's *declared* shape before it compares it with the data: one
+  150-byte request declaring ``[1, 2**40]`` floats makes tritonserver abort (``std::bad_alloc``), and a
+  509 KiB gzip body inflates to 512 MiB. The restriction is checked before the body is read, so a
+  request without the key costs nothing. gRPC inference stays open: its frontend compares shape and
+  byte size before allocating (tests/test_server_safety.py sends the same requests). Give the HTTP
+  key only to trusted clients (the client library reads it from the same variable); the HTTP health,
+  metadata, config and statistics endpoints stay open for probes;
 - request sizes: every input has fixed dims in the model configs, so Triton refuses any request whose
   tensors are not exactly one step (``unexpected shape``) before a model sees it. The HTTP/gRPC
   frontends of 2.51 have no byte limit of their own: put a reverse proxy with a body limit in front of a
@@ -33,15 +42,38 @@ from typing import Dict, List, Mapping, Optional, Sequence
 ADMIN_KEY_ENV = "SORTFORMER_TRITON_ADMIN_KEY"
 ADMIN_HEADER = "triton-admin-key"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+HTTP_INFERENCE_KEY_ENV = "SORTFORMER_TRITON_HTTP_INFERENCE_KEY"
+HTTP_INFERENCE_HEADER = "triton-inference-key"
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton's gRPC frontend expects the key name with this prefix
 
 
 def admin_key(env: Optional[Mapping[str, str]] = None) -> str:
     """The admin key from ``SORTFORMER_TRITON_ADMIN_KEY``, else a fresh random one (APIs stay closed)."""
-    value = (os.environ if env is None else env).get(ADMIN_KEY_ENV, "").strip()
+    return _key(ADMIN_KEY_ENV, env)
+
+
+def http_inference_key(env: Optional[Mapping[str, str]] = None) -> str:
+    """The HTTP inference key from ``SORTFORMER_TRITON_HTTP_INFERENCE_KEY``, else a fresh random one
+    (HTTP inference stays closed; gRPC is unaffected)."""
+    return _key(HTTP_INFERENCE_KEY_ENV, env)
+
+
+def configured_http_inference_key(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The HTTP inference key set in the environment (None when unset): what a client sends."""
+    value = (os.environ if env is None else env).get(HTTP_INFERENCE_KEY_ENV, "").strip()
+    return _key(HTTP_INFERENCE_KEY_ENV, env) if value else None
+
+
+def _key(variable: str, env: Optional[Mapping[str, str]]) -> str:
+    value = (os.environ if env is None else env).get(variable, "").strip()
     if value and not all(c.isalnum() or c in "-_." for c in value):
-        raise ValueError(f"{ADMIN_KEY_ENV} may hold only letters, digits, '-', '_' and '.'")
+        raise ValueError(f"{variable} may hold only letters, digits, '-', '_' and '.'")
     return value or secrets.token_urlsafe(24).replace("-", "_")
+
+
+def http_inference_headers(key: str) -> Dict[str, str]:
+    """The header that opens HTTP inference."""
+    return {HTTP_INFERENCE_HEADER: key}
 
 
 def admin_headers(key: str, protocol: str) -> Dict[str, str]:
@@ -53,26 +85,30 @@ def admin_headers(key: str, protocol: str) -> Dict[str, str]:
     raise ValueError(f"unknown protocol {protocol!r}")
 
 
-def safe_flags(key: str) -> List[str]:
-    """The flags that every tritonserver of this project gets."""
+def safe_flags(key: str, inference_key: Optional[str] = None) -> List[str]:
+    """The flags that every tritonserver of this project gets (``inference_key``: the HTTP inference
+    key; None draws it from the environment, else at random)."""
     restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={key}"
+    inference = inference_key or http_inference_key()
     return [
         "--model-control-mode=none",
         "--strict-readiness=true",
         f"--http-restricted-api={restricted}",
         f"--grpc-restricted-protocol={restricted}",
+        f"--http-restricted-api=inference:{HTTP_INFERENCE_HEADER}={inference}",
     ]
 
 
-def command(server_argv: Sequence[str], key: str) -> List[str]:
+def command(server_argv: Sequence[str], key: str, inference_key: Optional[str] = None) -> List[str]:
     """``server_argv`` (``tritonserver ARGS...``) with the safe flags; a conflicting flag is refused."""
     if not server_argv:
         raise ValueError("no server command given (expected: tritonserver ARGS...)")
-    names = {flag.split("=", 1)[0] for flag in safe_flags(key)}
+    flags = safe_flags(key, inference_key)
+    names = {flag.split("=", 1)[0] for flag in flags}
     clash = [a for a in server_argv[1:] if a.split("=", 1)[0] in names]
     if clash:
         raise ValueError(f"these flags are set by sortformer_triton/server_flags.py, drop them: {clash}")
-    return [*server_argv, *safe_flags(key)]
+    return [*server_argv, *flags]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

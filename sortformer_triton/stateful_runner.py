@@ -205,6 +205,7 @@ class SequenceResult:
 
     outputs: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     error: Optional[str] = None
+    server_fault: bool = False  # the error is the server's (onnxruntime failed), not the request's
 
     @property
     def ok(self) -> bool:
@@ -350,6 +351,7 @@ class StatefulOnnxRunner:
         except Exception as exc:  # onnxruntime raises several unrelated types
             for i, request in zip(indices, batch):
                 results[i].error = f"onnxruntime failed on a batch of {len(batch)}: {exc}"
+                results[i].server_fault = True
                 if request.start:
                     self._store.pop(request.corrid)  # the sequence never started
             return

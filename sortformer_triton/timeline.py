@@ -51,6 +51,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .contract import MAX_MEDIAN_FILTER_FRAMES, MAX_MIN_DURATION_SECONDS, MAX_PAD_SECONDS
 from .presets import FRAME_SECONDS, N_SPEAKERS
 
 # A raw segment: [start frame, end frame) in absolute frame indices of the stream.
@@ -84,15 +85,18 @@ class SegmentParams:
                 f"offset ({self.offset}) must not exceed onset ({self.onset}): hysteresis starts a "
                 "segment above onset and ends it below offset"
             )
-        for name in ("pad_onset", "pad_offset", "min_duration_on", "min_duration_off"):
+        for name, limit in (("pad_onset", MAX_PAD_SECONDS), ("pad_offset", MAX_PAD_SECONDS),
+                            ("min_duration_on", MAX_MIN_DURATION_SECONDS),
+                            ("min_duration_off", MAX_MIN_DURATION_SECONDS)):
             value = _real(name, getattr(self, name))
-            if value < 0.0:
-                raise ValueError(f"{name} is a duration in seconds and must be >= 0, got {value!r}")
+            if not 0.0 <= value <= limit:
+                raise ValueError(f"{name} is a duration in seconds in [0, {limit:g}], got {value!r}")
         window = self.median_filter_frames
         if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
             raise ValueError(f"median_filter_frames must be an integer, got {window!r}")
-        if window < 1 or window % 2 == 0:
-            raise ValueError(f"median_filter_frames must be an odd integer >= 1 (1 = off), got {window}")
+        if not 1 <= window <= MAX_MEDIAN_FILTER_FRAMES or window % 2 == 0:
+            raise ValueError(f"median_filter_frames must be an odd integer in 1..{MAX_MEDIAN_FILTER_FRAMES} "
+                             f"(1 = off; {MAX_MEDIAN_FILTER_FRAMES} frames = 5 s), got {window}")
         if _real("frame_seconds", self.frame_seconds) <= 0.0:
             raise ValueError(f"frame_seconds must be > 0, got {self.frame_seconds!r}")
 

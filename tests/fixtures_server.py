@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
 import pytest
 
+from sortformer_triton import server_flags
 from sortformer_triton.local_server import LocalTritonServer
 
 ServerFactory = Callable[..., LocalTritonServer]
 
 TRITON_MARK = "triton"
+
+# HTTP inference needs a key on this project's servers (server_flags): one per test session, in the
+# environment, where the servers the tests start and the client library (and the CLI, gateway and load
+# tools they spawn) read it
+os.environ.setdefault(server_flags.HTTP_INFERENCE_KEY_ENV, secrets.token_hex(16))
 
 
 def pytest_configure(config: pytest.Config) -> None:

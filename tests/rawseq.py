@@ -6,7 +6,7 @@ NaN, a missing START ...) talk to Triton with plain ``tritonclient.grpc`` throug
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -24,6 +24,7 @@ OUTPUTS = (contract.CONFIRMED, contract.N_CONFIRMED, contract.TENTATIVE, contrac
 class Reply:
     outputs: Optional[Dict[str, np.ndarray]]
     error: str = ""  # Triton's error message ('' when the request succeeded)
+    status: str = ""  # its gRPC status code, e.g. 'StatusCode.INVALID_ARGUMENT'
 
 
 class RawSequence:
@@ -43,8 +44,10 @@ class RawSequence:
         self.finalized: List[Segment] = []
 
     def send(self, audio: np.ndarray, length: int, start: bool = False, end: bool = False,
-             audio_dtype: str = "FP32") -> Reply:
-        """One request; AUDIO is sent with the shape and dtype given (``audio_dtype`` the Triton name)."""
+             audio_dtype: str = "FP32", parameters: Optional[Dict[str, object]] = None,
+             outputs: Sequence[str] = OUTPUTS) -> Reply:
+        """One request; AUDIO is sent with the shape and dtype given (``audio_dtype`` the Triton name),
+        with request ``parameters`` and the ``outputs`` asked for."""
         from tritonclient.utils import InferenceServerException
 
         audio = np.asarray(audio).reshape(1, -1)
@@ -54,16 +57,16 @@ class RawSequence:
         n.set_data_from_numpy(np.array([[length]], np.int32))
         try:
             result = self.client.infer(
-                self.model, [inp, n], outputs=[self._grpc.InferRequestedOutput(o) for o in OUTPUTS],
+                self.model, [inp, n], outputs=[self._grpc.InferRequestedOutput(o) for o in outputs],
                 sequence_id=self.sequence_id, sequence_start=start, sequence_end=end,
-                client_timeout=self.timeout_s)
+                client_timeout=self.timeout_s, parameters=parameters)
         except InferenceServerException as exc:
-            return Reply(None, str(exc.message()))
-        return Reply({o: result.as_numpy(o) for o in OUTPUTS})
+            return Reply(None, str(exc.message()), str(exc.status()))
+        return Reply({o: result.as_numpy(o) for o in outputs})
 
-    def step(self, request: StepRequest) -> Reply:
+    def step(self, request: StepRequest, parameters: Optional[Dict[str, object]] = None) -> Reply:
         """A valid protocol step; its predictions and finalized segments are collected."""
-        reply = self.send(request.audio, request.valid, request.start, request.end)
+        reply = self.send(request.audio, request.valid, request.start, request.end, parameters=parameters)
         if reply.outputs is not None:
             self.collect(reply.outputs)
         return reply

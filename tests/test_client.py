@@ -69,7 +69,7 @@ def fake_outputs(preset: Preset, end: bool) -> Dict[str, np.ndarray]:
         contract.N_TENTATIVE: np.zeros((1, 1), np.int32),
         contract.FRAME_OFFSET: np.zeros((1, 1), np.int64),
         contract.FINISHED: np.array([[int(end)]], np.int32),
-        contract.SEGMENTS: np.zeros((1, contract.MAX_SEGMENTS, 4), np.float32),
+        contract.SEGMENTS: np.zeros((1, contract.segment_rows(preset.chunk_len), 4), np.float32),
         contract.N_SEGMENTS: np.zeros((1, 1), np.int32),
     }
 
@@ -366,6 +366,8 @@ def test_sequence_ids_are_random_63_bit_and_unique() -> None:
     assert client.open_streams == 0
     with pytest.raises(ValueError, match="sequence_id"):
         client.open_stream(sequence_id=0)
+    with pytest.raises(ValueError, match="2\\*\\*63-1"):  # gRPC carries it as int64 (issue 12)
+        client.open_stream(sequence_id=2 ** 63)
     client.close()
 
 

@@ -182,12 +182,13 @@ def _as_f32(segments: Sequence[Segment]) -> List[Tuple[float, float, int]]:
 
 def check_segments(run: StreamRun, params: Optional[SegmentParams] = None) -> None:
     """Replay every response through the postprocessor logic; finalized union == offline segments."""
-    replay = StreamPostprocessor(params)
+    rows_per_response = contract.segment_rows(PRESETS[run.result.preset].chunk_len)
+    replay = StreamPostprocessor(params, rows_per_response)
     reported: List[Segment] = []
     for update in run.updates:
         rows, n = replay.step(update.confirmed, update.n_confirmed, update.tentative, update.n_tentative,
                               update.frame_offset, update.finished, end=update.end)
-        assert n < contract.MAX_SEGMENTS, "the replay comparison needs responses below the row budget"
+        assert n < rows_per_response, "the replay comparison needs responses below the row budget"
         expected = unpack_segments(rows, n)
         got = list(update.finalized_segments) + list(update.tentative_segments)
         assert got == expected, f"response {update.index}: segments differ from the postprocessor replay"

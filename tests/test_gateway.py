@@ -25,7 +25,7 @@ import soundfile
 
 from clients.gateway import messages
 from clients.gateway.__main__ import parse_args
-from clients.gateway.app import origin_allowed
+from clients.gateway.app import origin_allowed, page_origins
 from clients.gateway.session import error_code
 from clients.sortformer_client import (
     DiarizationClient,
@@ -152,11 +152,19 @@ def test_error_codes_of_the_client_library_exceptions() -> None:
 
 
 def test_origin_check() -> None:
-    assert origin_allowed(None, "127.0.0.1:8080", ())  # scripts send no Origin
-    assert origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8080", ())  # the gateway's own page
-    assert not origin_allowed("https://evil.example", "127.0.0.1:8080", ())
-    assert origin_allowed("https://app.example", "127.0.0.1:8080", ("https://app.example/",))
-    assert origin_allowed("https://evil.example", "127.0.0.1:8080", ("*",))
+    own = page_origins("127.0.0.1", 8080)
+    assert own == ("http://127.0.0.1:8080", "http://localhost:8080")
+    assert origin_allowed(None, own)  # scripts send no Origin
+    assert origin_allowed("http://127.0.0.1:8080", own)  # the gateway's own page
+    assert not origin_allowed("https://evil.example", own)  # whatever Host says (DNS rebinding)
+    assert origin_allowed("https://app.example", own + ("https://app.example/",))
+    assert origin_allowed("https://evil.example", ("*",))
+    assert page_origins("gw.example", 443, "https") == ("https://gw.example:443",)
+
+
+def test_deeply_nested_json_is_a_bad_message() -> None:
+    with pytest.raises(messages.ProtocolError, match="nested too deep"):
+        messages.parse_text("[" * 100000 + "]" * 100000)
 
 
 def test_cli_defaults_come_from_the_compose_environment() -> None:
@@ -466,6 +474,9 @@ def test_stream_limits_busy_and_overloaded(tiny_server, tmp_path: Path) -> None:
             first.send(np.zeros(16000, "<f4").tobytes())  # 1 s arrives at once: more than 0.5 s waiting
             msg = recv_json(first)
             assert msg["type"] == "error" and msg["code"] == "overloaded" and msg["stream_ended"] is True, msg
+            first.send(np.zeros(160, "<f4").tobytes())  # audio after the end says why the stream ended
+            msg = recv_json(first)
+            assert msg["code"] == "not_started" and "after the stream ended (overloaded)" in msg["message"], msg
             second.send(json.dumps({"type": "start", "sample_rate": 16000}))  # the place is free again
             assert recv_json(second)["type"] == "started"
             second.send(json.dumps({"type": "stop"}))  # a stream without audio ends cleanly too
@@ -484,9 +495,35 @@ def test_websockets_from_foreign_web_pages_are_refused(gateway: GatewayProcess) 
     with pytest.raises(InvalidStatus) as info:
         ws_connect(gateway.ws_url, origin="https://evil.example")
     assert info.value.response.status_code == 403
+    # DNS rebinding: evil.example resolves to the gateway; Host and Origin then agree (both evil.example)
+    rebound = socket.create_connection(("127.0.0.1", gateway.port), timeout=20)
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(f"ws://evil.example:{gateway.port}/ws", origin=f"http://evil.example:{gateway.port}",
+                   sock=rebound)
+    assert info.value.response.status_code == 403
     with ws_connect(gateway.ws_url, origin=gateway.url) as ws:  # the gateway's own page
         ws.send(json.dumps({"type": "stop"}))
         assert recv_json(ws)["code"] == "not_started"
+        ws.send("[" * 100000 + "]" * 100000)  # was an uncaught RecursionError: connection dropped (1006)
+        msg = recv_json(ws)
+        assert msg["code"] == "bad_message" and "nested too deep" in msg["message"], msg
+
+
+def test_a_stream_without_audio_is_ended_as_idle(tiny_server, tmp_path: Path) -> None:
+    """--idle-seconds: 'start' and no audio would hold a gateway place and a Triton slot forever."""
+    process = GatewayProcess(tiny_server.grpc_url, tmp_path / "gateway.log", "--max-streams", "1",
+                             "--idle-seconds", "1.5")
+    try:
+        with ws_connect(process.ws_url) as first, ws_connect(process.ws_url) as second:
+            first.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert recv_json(first)["type"] == "started"
+            msg = recv_json(first, timeout=20)
+            assert msg["code"] == "idle" and msg["stream_ended"] is True, msg
+            second.send(json.dumps({"type": "start", "sample_rate": 16000}))  # its place is free
+            assert recv_json(second)["type"] == "started"
+        _wait_idle(process)
+    finally:
+        process.stop()
 
 
 # ---- the page in a real headless Chromium ---------------------------------------------------------------

@@ -47,7 +47,7 @@ from clients.sortformer_client import DiarizationClient, Result, Stream, Update,
 from clients.sortformer_client.audio import resampled_length
 from clients.sortformer_client.transport import GrpcTransport, check_parameters
 from sortformer_triton import contract
-from sortformer_triton.contract import MAX_SEGMENTS
+from sortformer_triton.contract import segment_rows
 from sortformer_triton.presets import (
     FRAME_SAMPLES,
     FRAME_SECONDS,
@@ -396,7 +396,7 @@ def _rows_step(post: StreamPostprocessor, max_rows: int, conf: np.ndarray, tent:
 
 @examples(80)
 @example(EXACT_GAP, 1)
-@given(timeline_cases(), st.sampled_from([MAX_SEGMENTS, 1, 2, 5]))
+@given(timeline_cases(), st.sampled_from([segment_rows(6), 1, 2, 5]))
 def test_postprocessor_rows_any_split_equal_the_offline_reference(
     case: Tuple[SegmentParams, StepPlan], max_rows: int
 ) -> None:
@@ -515,7 +515,7 @@ class FakeTritonGrpc:
         self.requests.append(WireRequest(sequence_id, audio, length, sequence_start, sequence_end,
                                          parameters))
         if sequence_start:
-            self._post = StreamPostprocessor(parse_segment_params(parameters or {}))
+            self._post = StreamPostprocessor(parse_segment_params(parameters or {}), segment_rows(p.chunk_len))
         self._audio.append(audio[0, :valid])
         self._audio_ended = self._audio_ended or valid < p.step_samples
         audio16 = np.concatenate(self._audio)

@@ -5,6 +5,7 @@ zero initial state, idle timeouts longer than a step, Python models keeping thei
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sortformer_triton import contract, repository
-from sortformer_triton.presets import PRESETS
+from sortformer_triton.presets import PRESETS, get_preset
 
 ALL = list(PRESETS.values())
 EMB = repository.FULL_EMB_DIM
@@ -259,8 +260,7 @@ def test_instance_kind_gpu_is_available() -> None:
 def test_idle_timeout_outlasts_slow_steps(configs) -> None:
     very_high = PRESETS["very_high"]
     for flavour in repository.FLAVOURS:
-        for name in (contract.preprocessor_name(very_high), contract.sortformer_name(very_high),
-                     contract.POSTPROCESSOR):
+        for name in (contract.preprocessor_name(very_high), contract.sortformer_name(very_high)):
             idle_s = configs[flavour][name].sequence_batching.max_sequence_idle_microseconds / 1e6
             assert idle_s > 4 * very_high.step_seconds, name
         for p in ALL:
@@ -277,8 +277,8 @@ def test_batch_and_candidate_sizes(configs) -> None:
             assert oldest.max_candidate_sequences >= 16, config.name
             assert list(oldest.preferred_batch_size) == [2, 4, 8]
             assert 0 < oldest.max_queue_delay_microseconds <= 10_000
-    post = configs["production"][contract.POSTPROCESSOR].sequence_batching.oldest
-    assert post.max_candidate_sequences >= 16 * len(ALL), "one postprocessor serves every preset's streams"
+    post = configs["production"][contract.POSTPROCESSOR]  # no slots of its own: the stateful models' are the limit
+    assert not post.HasField("sequence_batching") and post.dynamic_batching.max_queue_delay_microseconds > 0
     custom = repository.model_configs("production", ALL, 16, max_batch_size=4, max_candidate_sequences=32)
     assert custom["sortformer_low"].max_batch_size == 4
     assert list(custom["sortformer_low"].sequence_batching.oldest.preferred_batch_size) == [2, 4]
@@ -294,13 +294,20 @@ def test_postprocessor(configs) -> None:
     io = contract.postprocessor_io()
     assert [t.name for t in post.input] == [t.name for t in io.inputs]
     assert [t.name for t in post.output] == [t.name for t in io.outputs]
-    assert {c.name for c in post.sequence_batching.control_input} == {contract.START, "END", "CORRID"}
-    assert not post.sequence_batching.state
+    # no sequence batcher: START/END/CORRID come from the request (one batcher shared by every preset would
+    # join the same id on two presets into one sequence, issue 12)
+    assert not post.HasField("sequence_batching")
     params = {k: v.string_value for k, v in post.parameters.items()}
-    assert {k: float(v) for k, v in params.items() if k != "state_ttl_seconds"} == {
+    ttl_keys = ("state_ttl_seconds", repository.PRESET_TTL_PARAMETER)
+    assert {k: float(v) for k, v in params.items() if k not in ttl_keys} == {
         "onset": 0.5, "offset": 0.5, "pad_onset": 0.0, "pad_offset": 0.0,
         "min_duration_on": 0.25, "min_duration_off": 0.1, "median_filter_frames": 1.0}
-    assert int(params["state_ttl_seconds"]) * 1_000_000 >= post.sequence_batching.max_sequence_idle_microseconds
+    # each preset's streams expire with that preset's sequence slots (not the longest preset's)
+    ttls = json.loads(params[repository.PRESET_TTL_PARAMETER])
+    for p in ALL:
+        idle = configs["production"][contract.sortformer_name(p)].sequence_batching.max_sequence_idle_microseconds
+        assert ttls[repository.preset_key(p)] * 1_000_000 == idle, p.name
+    assert int(params["state_ttl_seconds"]) == max(ttls.values())
 
 
 def test_postprocessor_overrides() -> None:
@@ -339,8 +346,17 @@ def test_ensemble_wiring(configs) -> None:
                     assert all(a == b or b == -1 for a, b in zip(have[1], want[1])), (flavour, key)
                 for key, value in step.output_map.items():
                     produced[value] = model_out[key]
-            for t in ens.output:
-                assert produced[t.name] == (t.data_type, list(t.dims)), (flavour, t.name)
+            for t in ens.output:  # a -1 dim of the composing model is fixed by the ensemble (SEGMENTS rows)
+                have = produced[t.name]
+                assert have[0] == t.data_type and len(have[1]) == len(t.dims), (flavour, t.name)
+                assert all(a == b or a == -1 for a, b in zip(have[1], t.dims)), (flavour, t.name)
+            assert list(ens.output[6].dims) == [contract.segment_rows(p.chunk_len), 4]
+
+
+def test_presets_the_shared_postprocessor_cannot_tell_apart_are_refused() -> None:
+    twin = dataclasses.replace(get_preset("low"), name="low_twin", fifo_len=100)
+    with pytest.raises(ValueError, match="share chunk_len 6 and right context 7"):
+        repository.model_configs("local", [get_preset("low"), twin], emb_dim=8)
 
 
 def test_validate_catches_broken_ensembles(configs) -> None:

@@ -12,14 +12,17 @@
 """
 from __future__ import annotations
 
+import gzip
+import http.client
+import json
 import socket
 from pathlib import Path
-from typing import Set
+from typing import Dict, Set, Tuple
 
 import numpy as np
 import pytest
 
-from clients.sortformer_client import DiarizationClient, new_sequence_id
+from clients.sortformer_client import NO_RETRY, DiarizationClient, StreamError, new_sequence_id
 from sortformer_triton import server_flags
 from sortformer_triton.local_server import REPO_ROOT, LocalTritonServer
 from sortformer_triton.presets import get_preset
@@ -141,3 +144,74 @@ def test_local_server_extra_args_cannot_override_the_safe_flags() -> None:
 
 def test_admin_key_never_reaches_the_log(tiny_server) -> None:
     assert tiny_server.admin_key not in tiny_server.log_path.read_text()
+
+
+# ---- issue 12, item 1: one HTTP JSON request must not kill the server --------------------------------
+# Triton 2.51 allocates an HTTP JSON input's declared shape before comparing it with the data:
+# [1, 2**40] floats -> std::bad_alloc -> SIGABRT; [1, 2**28] ~1 GB RSS per 150 bytes; a gzip body inflates.
+CRASH_BODY = json.dumps({"inputs": [
+    {"name": "AUDIO", "shape": [1, 1099511627776], "datatype": "FP32", "data": [0.0]},
+    {"name": "AUDIO_LENGTH", "shape": [1, 1], "datatype": "INT32", "data": [0]}]}).encode()
+HUGE_BODY = CRASH_BODY.replace(b"1099511627776", str(2 ** 28).encode())
+GZIP_BOMB = gzip.compress(b" " * (64 << 20))  # 64 MiB of spaces in ~64 KiB
+
+
+def _post(url: str, body: bytes, headers: Dict[str, str]) -> Tuple[int, str]:
+    conn = http.client.HTTPConnection(url, timeout=60)
+    try:
+        conn.request("POST", "/v2/models/diarizer_low/infer", body=body,
+                     headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_one_http_json_request_cannot_kill_the_shipped_server(tiny_server) -> None:
+    """The shipped defaults (server_flags, also compose's entrypoint) refuse HTTP inference without the
+    key before reading the body; gRPC compares shape and bytes first. The server lives on."""
+    for body, headers in ((CRASH_BODY, {}), (HUGE_BODY, {}), (GZIP_BOMB, {"Content-Encoding": "gzip"}),
+                          (CRASH_BODY, {server_flags.HTTP_INFERENCE_HEADER: "not-the-key"})):
+        status, text = _post(tiny_server.http_url, body, headers)
+        assert status == 403 and "restricted" in text, (status, text[:200])
+        assert tiny_server.running
+    # the same declared shape over gRPC: refused by shape, nothing allocated
+    seq = RawSequence(tiny_server.grpc_url, PRESET, new_sequence_id())
+    try:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.grpc import service_pb2
+
+        request = service_pb2.ModelInferRequest(model_name="diarizer_low")
+        request.parameters["sequence_id"].int64_param = seq.sequence_id
+        request.parameters["sequence_start"].bool_param = True
+        for name, dtype, shape, raw in (("AUDIO", "FP32", [1, 2 ** 40], np.zeros(1, np.float32)),
+                                        ("AUDIO_LENGTH", "INT32", [1, 1], np.zeros(1, np.int32))):
+            tensor = request.inputs.add()
+            tensor.name, tensor.datatype = name, dtype
+            tensor.shape.extend(shape)
+            request.raw_input_contents.append(raw.tobytes())
+        stub = seq.client._client_stub
+        with pytest.raises(Exception, match="unexpected shape for input 'AUDIO'"):
+            stub.ModelInfer(request, timeout=30)
+        assert grpcclient  # imported for the service stub's message types
+    finally:
+        seq.close()
+    assert tiny_server.running
+    # trusted HTTP clients (the key from SORTFORMER_TRITON_HTTP_INFERENCE_KEY) are served
+    with DiarizationClient(tiny_server.http_url, protocol="http", preset="low") as client:
+        assert client.diarize(np.zeros(PRESET.step_samples * 2, np.float32)).finished
+    with DiarizationClient(tiny_server.http_url, protocol="http", preset="low", http_inference_key="wrong",
+                           retry=NO_RETRY) as client:
+        with pytest.raises(StreamError, match="restricted"):
+            client.diarize(np.zeros(PRESET.step_samples, np.float32))
+
+
+def test_the_http_inference_key_flag_is_part_of_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(server_flags.HTTP_INFERENCE_KEY_ENV, "infer-key")
+    flags = server_flags.command(["tritonserver"], "abc")
+    assert "--http-restricted-api=inference:triton-inference-key=infer-key" in flags
+    monkeypatch.delenv(server_flags.HTTP_INFERENCE_KEY_ENV)
+    assert server_flags.configured_http_inference_key() is None
+    first = [f for f in server_flags.safe_flags("abc") if f.startswith("--http-restricted-api=inference:")]
+    second = [f for f in server_flags.safe_flags("abc") if f.startswith("--http-restricted-api=inference:")]
+    assert len(first) == 1 and first != second  # unset: a random key, HTTP inference closed

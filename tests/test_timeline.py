@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sortformer_triton.contract import MAX_SEGMENTS
+from sortformer_triton.contract import segment_rows
 from sortformer_triton.presets import FRAME_SECONDS, N_SPEAKERS
 from sortformer_triton.segments_codec import (
     SegmentOverflowError,
@@ -66,9 +66,12 @@ def spans(segments: Sequence[Segment]) -> List[Tuple[float, float]]:
         ({"onset": 0.4, "offset": 0.6}, "must not exceed onset"),
         ({"onset": 1.5}, r"in \[0, 1\]"),
         ({"offset": -0.1}, r"in \[0, 1\]"),
-        ({"pad_onset": -0.01}, "must be >= 0"),
-        ({"pad_offset": -1.0}, "must be >= 0"),
-        ({"min_duration_on": -0.25}, "must be >= 0"),
+        ({"pad_onset": -0.01}, "in \\[0, 10\\]"),
+        ({"pad_offset": -1.0}, "in \\[0, 10\\]"),
+        ({"pad_offset": 1e300}, "in \\[0, 10\\]"),  # issue 12: Infinity segment ends
+        ({"min_duration_on": -0.25}, "in \\[0, 60\\]"),
+        ({"min_duration_off": 61.0}, "in \\[0, 60\\]"),
+        ({"median_filter_frames": 1000001}, "odd integer in 1..63"),  # issue 12: 8.8 GB, slow streams
         ({"min_duration_off": float("inf")}, "finite"),
         ({"median_filter_frames": 4}, "odd integer"),
         ({"median_filter_frames": 0}, "odd integer"),
@@ -487,16 +490,17 @@ def seg(start: float, speaker: int = 0, finalized: bool = True) -> Segment:
 
 def test_pack_unpack_round_trip() -> None:
     segments = [seg(0.0, 1), seg(1.28, 3, False), seg(3600.08, 0)]
-    rows, n = pack_segments(segments)
-    assert rows.shape == (MAX_SEGMENTS, 4) and rows.dtype == np.float32 and n == 3
+    max_rows = segment_rows(6)
+    rows, n = pack_segments(segments, max_rows)
+    assert rows.shape == (max_rows, 4) and rows.dtype == np.float32 and n == 3
     assert not rows[n:].any()
     back = unpack_segments(rows[None], np.array([[n]], np.int32))
     assert [(b.speaker, b.finalized) for b in back] == [(1, True), (3, False), (0, True)]
     assert [b.start for b in back] == pytest.approx([s.start for s in segments], abs=1e-3)
     with pytest.raises(ValueError, match="outside"):
-        unpack_segments(rows, MAX_SEGMENTS + 1)
+        unpack_segments(rows, max_rows + 1)
     with pytest.raises(SegmentOverflowError):
-        pack_segments([seg(float(i)) for i in range(MAX_SEGMENTS + 1)])
+        pack_segments([seg(float(i)) for i in range(max_rows + 1)], max_rows)
 
 
 def test_packer_puts_finalized_first_and_truncates_tentative() -> None:
@@ -578,7 +582,7 @@ def test_valid_rows_checks_counts() -> None:
 
 
 def test_stream_postprocessor_finalizes_at_end_without_finished() -> None:
-    post = StreamPostprocessor(SegmentParams())
+    post = StreamPostprocessor(SegmentParams(), segment_rows(6))
     probs = np.zeros((6, N_SPEAKERS), np.float32)
     probs[1:, 2] = 0.9  # still speaking when the client stops
     rows, n = post.step(probs, 6, probs[:0], 0, 0, finished=False, end=False)

@@ -36,6 +36,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=int, default=64, help="streams open at once (more get 'busy')")
     parser.add_argument("--max-pending-seconds", type=float, default=30.0,
                         help="audio a stream may have waiting for Triton before it is ended as overloaded")
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="a stream that gets no audio for this long is ended (frees its Triton sequence)")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="a web origin (https://host:port) allowed to open the WebSocket besides the "
                              "gateway's own page; repeatable; '*' allows any")
@@ -64,10 +66,13 @@ def parse_args(argv: Optional[Sequence[str]] = None,
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     from sortformer_triton.presets import get_preset
 
+    from .app import page_origins
+
     get_preset(args.preset)  # PresetError (a ValueError) names the known presets
     return GatewayConfig(triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
                          max_streams=args.max_streams, max_pending_seconds=args.max_pending_seconds,
-                         allowed_origins=tuple(args.allowed_origin))
+                         idle_seconds=args.idle_seconds, allowed_origins=tuple(args.allowed_origin) + page_origins(
+                             args.host, args.port, "https" if args.ssl_certfile else "http"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Tuple
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -35,15 +35,24 @@ POLICY_VIOLATION = 1008  # WebSocket close code for a refused origin
 log = logging.getLogger("clients.gateway")
 
 
-def origin_allowed(origin: Optional[str], host: Optional[str], allowed: tuple) -> bool:
-    """Browsers send ``Origin``; accept the gateway's own origin (same host:port), listed ones, and
-    clients that send none (scripts). Stops other web sites from using the gateway through a visitor's
-    browser (cross-site WebSocket hijacking)."""
+def origin_allowed(origin: Optional[str], allowed: tuple) -> bool:
+    """Browsers send ``Origin``; accept listed origins (``GatewayConfig.allowed_origins``: the gateway's
+    own page origins and the ``--allowed-origin`` ones) and clients that send none (scripts). Stops other
+    web sites from using the gateway through a visitor's browser (cross-site WebSocket hijacking). The
+    ``Host`` header is never trusted: with DNS rebinding a hostile page sends ``Host: evil.example`` and a
+    matching ``Origin``."""
     if not origin:
         return True
-    if origin.rstrip("/") in {o.rstrip("/") for o in allowed} or "*" in allowed:
-        return True
-    return bool(host) and urlsplit(origin).netloc.lower() == str(host).lower()
+    return origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed} or "*" in allowed
+
+
+def page_origins(host: str, port: int, scheme: str = "http") -> Tuple[str, ...]:
+    """The origins of the gateway's own page when served on ``host:port`` (loopback and wildcard binds
+    add ``localhost`` and ``127.0.0.1``)."""
+    names = {host}
+    if host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1"):
+        names |= {"localhost", "127.0.0.1"}
+    return tuple(sorted(f"{scheme}://{f'[{n}]' if ':' in n else n}:{port}" for n in names))
 
 
 def create_app(config: GatewayConfig) -> Starlette:
@@ -73,7 +82,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         })
 
     async def websocket(ws: WebSocket) -> None:
-        if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), config.allowed_origins):
+        if not origin_allowed(ws.headers.get("origin"), config.allowed_origins):
             log.warning("refused a WebSocket from origin %s", ws.headers.get("origin"))
             await ws.close(code=POLICY_VIOLATION)
             return
@@ -104,4 +113,4 @@ def create_app(config: GatewayConfig) -> Starlette:
     return app
 
 
-__all__ = ["STATIC_DIR", "create_app", "origin_allowed"]
+__all__ = ["STATIC_DIR", "create_app", "origin_allowed", "page_origins"]

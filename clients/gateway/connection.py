@@ -45,6 +45,7 @@ class Connection:
         self._pump_task: Optional["asyncio.Task[None]"] = None
         self._stopping = False
         self._pending_samples = 0
+        self._ended_why = ""  # why the last stream ended early (an error), for audio that still arrives
 
     async def run(self) -> None:
         """Serve the connection until the browser disconnects."""
@@ -95,7 +96,7 @@ class Connection:
             self.gateway.release_stream()
             await self._exception(exc, stream_ended=False)
             return
-        self._stream, self._stopping, self._pending_samples = stream, False, 0
+        self._stream, self._stopping, self._pending_samples, self._ended_why = stream, False, 0, ""
         self._queue = asyncio.Queue()
         log.info("stream %d started (preset %s, %d Hz)", stream.sequence_id, start.preset, start.sample_rate)
         await self._send(messages.started_message(client.preset, stream.sequence_id, start.sample_rate))
@@ -110,7 +111,8 @@ class Connection:
 
     async def _on_audio(self, data: bytes) -> None:
         if self._stream is None or self._stopping:
-            what = "after 'stop'" if self._stopping else "before 'start'"
+            what = "after 'stop'" if self._stopping else (
+                f"after the stream ended ({self._ended_why})" if self._ended_why else "before 'start'")
             await self._error(messages.NOT_STARTED, f"audio {what}: send a 'start' message first", False)
             return
         try:
@@ -134,8 +136,19 @@ class Connection:
     # ---- the stream ---------------------------------------------------------------------------------
     async def _pump(self, stream: GatewayStream, queue: "asyncio.Queue[QueueItem]") -> None:
         try:
+            idle = self.gateway.config.idle_seconds
             while True:
-                items = [await queue.get()]
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+                    # arrives as the item does, and _end_stream waits for this task to end
+                    async with asyncio.timeout(idle):
+                        items = [await queue.get()]
+                except TimeoutError:
+                    stream.abort_soon()
+                    self._detach(stream)
+                    await self._error(messages.IDLE, f"no audio for {idle:g} s: the stream was ended (its "
+                                                     "Triton sequence is freed); send 'start' again", True)
+                    return
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 audio = [item for item in items if isinstance(item, np.ndarray)]
@@ -194,6 +207,8 @@ class Connection:
 
     async def _error(self, code: str, message: str, stream_ended: bool) -> None:
         log.info("error sent to client: %s: %s", code, message)
+        if stream_ended:
+            self._ended_why = code
         await self._send(messages.error_message(code, message, stream_ended))
 
     async def _send(self, obj: Dict[str, Any]) -> None:

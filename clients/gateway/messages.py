@@ -44,6 +44,7 @@ TIMEOUT = "timeout"  # a Triton request got no answer in time
 STREAM_FAILED = "stream_failed"  # Triton refused a request of the stream
 OVERLOADED = "overloaded"  # audio arrives faster than Triton diarizes it
 BUSY = "busy"  # the gateway has its maximum number of streams open
+IDLE = "idle"  # a stream got no audio for idle_seconds and was ended
 INTERNAL = "internal"  # a bug in the gateway (logged with its traceback)
 
 START_KEYS = frozenset({"type", "preset", "sample_rate", "segment_params"})
@@ -72,6 +73,8 @@ def parse_text(text: str) -> Dict[str, Any]:
         obj = json.loads(text)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(BAD_MESSAGE, f"text frames must be JSON objects: {exc}") from None
+    except RecursionError:  # e.g. [[[[...]]]] 100000 deep
+        raise ProtocolError(BAD_MESSAGE, "text frames must be flat JSON objects: nested too deep") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_MESSAGE, f"a message must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")

@@ -25,12 +25,13 @@ class GatewayConfig:
     timeout_s: float = 30.0  # per Triton request
     max_streams: int = 64
     max_pending_seconds: float = 30.0  # audio waiting for Triton before a stream is ended as overloaded
-    allowed_origins: Tuple[str, ...] = ()  # browser origins besides the gateway's own
+    idle_seconds: float = 30.0  # a stream without audio for this long is ended ('idle'), freeing its slot
+    allowed_origins: Tuple[str, ...] = ()  # browser origins allowed (the gateway's own page included)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triton_url", normalize_url(self.triton_url, "grpc"))
-        if self.timeout_s <= 0 or self.max_pending_seconds <= 0:
-            raise ValueError("timeout_s and max_pending_seconds must be > 0")
+        if self.timeout_s <= 0 or self.max_pending_seconds <= 0 or self.idle_seconds <= 0:
+            raise ValueError("timeout_s, max_pending_seconds and idle_seconds must be > 0")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
 

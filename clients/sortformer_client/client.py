@@ -31,11 +31,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import numpy as np
 
-from sortformer_triton import contract
+from sortformer_triton import contract, server_flags
 from sortformer_triton.presets import PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
-from sortformer_triton.timeline import Segment
+from sortformer_triton.timeline import Segment, parse_segment_params
 
 from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k
 from .chunker import StepChunker
@@ -301,7 +301,9 @@ class DiarizationClient:
     requests of one stream on the wire at once in ``grpc-stream`` mode (1 = wait for each response).
     ``retry``: how a stream's first request (START) is retried when the server is unavailable or does
     not answer in time (default ``RetryPolicy()``: 3 tries, 0.5 s then 1 s apart; ``NO_RETRY`` for
-    none); later requests are never retried (see ``retry.py``).
+    none); later requests are never retried (see ``retry.py``). ``http_inference_key``: the key HTTP
+    inference needs on this project's servers (header ``triton-inference-key``; default: the
+    environment variable ``SORTFORMER_TRITON_HTTP_INFERENCE_KEY``; gRPC needs none).
 
     Nothing is contacted on construction; :meth:`check` verifies server and model. Thread-safe: many
     threads may open and drive their own streams on one client.
@@ -309,8 +311,10 @@ class DiarizationClient:
 
     def __init__(self, url: str, protocol: str = "grpc", preset: Union[str, Preset] = "low",
                  timeout: float = DEFAULT_TIMEOUT_S, max_in_flight: int = 1,
-                 retry: Optional[RetryPolicy] = None) -> None:
+                 retry: Optional[RetryPolicy] = None, http_inference_key: Optional[str] = None) -> None:
         self.protocol = check_protocol(protocol)
+        key = http_inference_key or server_flags.configured_http_inference_key()
+        self._http_headers = server_flags.http_inference_headers(key) if key else {}
         self.url = normalize_url(url, self.protocol)
         self.preset: Preset = preset if isinstance(preset, Preset) else get_preset(preset)
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -411,6 +415,7 @@ class DiarizationClient:
         pad_offset, min_duration_on, min_duration_off, median_filter_frames) go to the postprocessor as
         request parameters of the START request. ``on_update`` is called with every ``Update``."""
         params = check_parameters(segment_params)
+        parse_segment_params(segment_params or {})  # the server's bounds: refused here, before any request
         sequence_id = self._reserve_id(sequence_id)
         try:
             transport = self._open_transport()
@@ -430,8 +435,11 @@ class DiarizationClient:
                     sequence_id = new_sequence_id()
             else:
                 if isinstance(sequence_id, bool) or not isinstance(sequence_id, int) \
-                        or not 0 < sequence_id < 2 ** 64:
-                    raise ValueError(f"sequence_id must be an integer in 1 .. 2**64-1, got {sequence_id!r}")
+                        or not 0 < sequence_id < 2 ** SEQUENCE_ID_BITS:
+                    # Triton's CORRID is uint64, but gRPC carries sequence_id as an int64 parameter
+                    # ("Value out of range" above 2**63-1): accept what every protocol accepts
+                    raise ValueError(f"sequence_id must be an integer in 1 .. 2**63-1 (gRPC sends it as int64), "
+                                     f"got {sequence_id!r}")
                 if sequence_id in self._open_ids:
                     raise ValueError(f"sequence {sequence_id} is still open on this client")
             self._open_ids.add(sequence_id)
@@ -440,7 +448,8 @@ class DiarizationClient:
     def _open_transport(self) -> Transport:
         shared = self._shared_grpc() if self.protocol == "grpc" else None
         return open_transport(self.protocol, self.url, self.model_name, self.preset, self.timeout,
-                              shared_grpc=shared, max_in_flight=self.max_in_flight)
+                              shared_grpc=shared, max_in_flight=self.max_in_flight,
+                              http_headers=self._http_headers)
 
     def _forget(self, sequence_id: int) -> None:
         with self._lock:

@@ -209,10 +209,12 @@ class HttpTransport(Transport):
 
     protocol = "http"
 
-    def __init__(self, url: str, model: str, preset: Preset, timeout: float) -> None:
+    def __init__(self, url: str, model: str, preset: Preset, timeout: float,
+                 headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(url, model, preset, timeout)
         import tritonclient.http as httpclient
 
+        self._headers = dict(headers or {}) or None  # the HTTP inference key (server_flags)
         self._module = httpclient
         self._client = httpclient.InferenceServerClient(
             url, connection_timeout=timeout, network_timeout=timeout)
@@ -225,7 +227,7 @@ class HttpTransport(Transport):
                 result = self._client.infer(
                     self.model, _make_inputs(self._module, step, binary=True), outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
-                    sequence_end=step.end,
+                    sequence_end=step.end, headers=self._headers,
                     parameters=parameters if step.start and parameters else None,
                 )
                 outputs = _outputs(result)
@@ -361,11 +363,12 @@ class GrpcStreamTransport(Transport):
 
 
 def open_transport(protocol: str, url: str, model: str, preset: Preset, timeout: float,
-                   shared_grpc: Any = None, max_in_flight: int = 1) -> Transport:
+                   shared_grpc: Any = None, max_in_flight: int = 1,
+                   http_headers: Optional[Dict[str, str]] = None) -> Transport:
     protocol = check_protocol(protocol)
     if protocol == "grpc":
         return GrpcTransport(url, model, preset, timeout, shared_grpc)
     if protocol == "http":
-        return HttpTransport(url, model, preset, timeout)
+        return HttpTransport(url, model, preset, timeout, http_headers)
     return GrpcStreamTransport(url, model, preset, timeout, max_in_flight)
 

@@ -1,6 +1,6 @@
 """Triton Python-backend model ``postprocessor``: per-sequence speaker timeline -> SEGMENTS rows.
 
-Plumbing only: tensors in and out, control inputs (START / END / CORRID), and the per-CORRID store.
+Plumbing only: tensors in and out, the sequence flags (START / END / CORRID), and the per-CORRID stores.
 The timeline, the row budget and the parameter parsing live in ``sortformer_triton`` (timeline,
 segments_codec, sequences) and are tested without Triton; the server runs with the repository root
 on PYTHONPATH for that import.
@@ -8,13 +8,21 @@ on PYTHONPATH for that import.
 Model config ``parameters`` (strings): onset, offset, pad_onset, pad_offset, min_duration_on,
 min_duration_off, median_filter_frames, state_ttl_seconds (>= the sequence idle timeout, because a
 Python model is never told that Triton reaped an idle sequence). A request's ``parameters`` may set the
-same segment parameters (not the TTL) on its START request; later requests of the sequence may repeat
-them but not change them. Keys the postprocessor does not know are ignored: an ensemble hands every
-request's parameters to all of its steps.
+same segment parameters (not the TTL) on its START request, within the bounds of
+``timeline.SegmentParams``. Later requests' parameters are ignored: the postprocessor is the ensemble's
+last step, so refusing one of them would come after the stateful steps moved and break the stream.
+Keys the postprocessor does not know are ignored: an ensemble hands every request's parameters to all
+of its steps.
+
+The model has no sequence batcher (see ``repository.postprocessor_model``): CORRID, START and END come
+from the request (``correlation_id()``, ``flags()``, forwarded by the ensemble). Streams are kept per
+preset -- told apart by the rows of CONFIRMED and TENTATIVE (the generator refuses presets that share
+both) -- and per CORRID, since Triton's sequences are per model and the same id may run on two presets at
+once; each preset's streams expire with that preset's idle timeout (``preset_state_ttl_seconds``).
+Refusals are Triton ``INVALID_ARG`` errors (gRPC INVALID_ARGUMENT, HTTP 400), not INTERNAL.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -38,45 +46,57 @@ from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
-from sortformer_triton.timeline import SegmentParams, parse_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_segment_params  # noqa: E402
 
-START, END, CORRID = contract.START, contract.END, contract.CORRID
+PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"  # sortformer_triton.repository.PRESET_TTL_PARAMETER
 
 
 class TritonPythonModel:
-    """One ``StreamPostprocessor`` per sequence, keyed by CORRID, dropped at END or after the TTL."""
+    """One ``StreamPostprocessor`` per (preset, CORRID), dropped at END or after the preset's TTL."""
 
     def initialize(self, args: Dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
         try:
-            self.params = parse_segment_params(config_parameters(model_config))
-            ttl = ttl_from_model_config(model_config)
-        except ValueError as exc:
+            values = config_parameters(model_config)
+            self.params = parse_segment_params(values)
+            self.default_ttl = ttl_from_model_config(model_config)
+            ttls = json.loads(values.get(PRESET_TTL_PARAMETER) or "{}")
+            self.stores: Dict[str, SequenceStore[StreamPostprocessor]] = {
+                str(key): SequenceStore(float(ttl)) for key, ttl in ttls.items()}
+        except (ValueError, TypeError, AttributeError) as exc:
             raise pb_utils.TritonModelException(f"postprocessor: bad model config parameters: {exc}")
         self.batched = int(model_config.get("max_batch_size", 0)) > 0
-        self.store: SequenceStore[StreamPostprocessor] = SequenceStore(ttl)
+        self.invalid_arg = pb_utils.TritonError.INVALID_ARG
 
     def execute(self, requests: List[Any]) -> List[Any]:
         """One response per request, in order; a failing request does not affect the others."""
-        expired = self.store.expire()
-        if expired:
-            pb_utils.Logger.log_warn(
-                f"postprocessor: dropped {len(expired)} sequence(s) idle > {self.store.ttl_seconds:g} s "
-                f"without END: {expired[:8]}"
-            )
+        for key, store in self.stores.items():
+            expired = store.expire()
+            if expired:
+                pb_utils.Logger.log_warn(
+                    f"postprocessor: dropped {len(expired)} sequence(s) of preset shape {key} idle > "
+                    f"{store.ttl_seconds:g} s without END: {expired[:8]}")
         return [self._respond(request) for request in requests]
 
     def finalize(self) -> None:
-        self.store.clear()
+        self.stores.clear()
+
+    def _store(self, key: str) -> SequenceStore[StreamPostprocessor]:
+        store = self.stores.get(key)
+        if store is None:  # a preset this config does not list (hand-made ensembles): the default TTL
+            store = self.stores[key] = SequenceStore(self.default_ttl)
+        return store
 
     # ---- one request ------------------------------------------------------------------------------
     def _respond(self, request: Any) -> Any:
         try:
             rows, n_rows = self._run(request)
-        except Exception as exc:  # every failure becomes this request's error, never the batch's
-            kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+        except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
             return pb_utils.InferenceResponse(
-                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {kind}{exc}"))
+                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {exc}", self.invalid_arg))
+        except Exception as exc:  # every failure becomes this request's error, never the batch's
+            return pb_utils.InferenceResponse(
+                output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {type(exc).__name__}: {exc}"))
         n = np.array([n_rows], np.int32)
         if self.batched:
             rows, n = rows[None], n[None]
@@ -86,29 +106,30 @@ class TritonPythonModel:
         ])
 
     def _run(self, request: Any) -> Tuple[np.ndarray, int]:
-        corrid = _scalar(request, CORRID)
-        start, end = bool(_scalar(request, START)), bool(_scalar(request, END))
+        corrid = request.correlation_id()
+        if not corrid:
+            raise ValueError("the request has no sequence id (correlation id): send it as part of a sequence")
+        flags = request.flags()
+        start = bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
+        end = bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
+        confirmed, tentative = _input(request, contract.CONFIRMED), _input(request, contract.TENTATIVE)
+        chunk_len = confirmed.shape[-2]
+        store = self._store(f"{chunk_len},{tentative.shape[-2]}")  # one postprocessor, every preset
         try:
-            overrides = _request_parameters(request)
             if start:
-                params = parse_segment_params(overrides, self.params)
-                stream = self.store.start(corrid, lambda: StreamPostprocessor(params))
+                params = parse_segment_params(_request_parameters(request), self.params)
+                stream = store.start(corrid, lambda: StreamPostprocessor(params, contract.segment_rows(chunk_len)))
             else:
-                stream = self.store.get(corrid)
+                stream = store.get(corrid)
                 if stream is None:
                     raise ValueError(
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
-                        f"ended, or it was idle > {self.store.ttl_seconds:g} s and expired")
-                params = parse_segment_params(overrides, stream.params)
-                if params != stream.params:
-                    raise ValueError(
-                        f"segment parameters can only be set on a sequence's START request "
-                        f"(sequence {corrid} runs with {_differences(stream.params, params)})")
+                        f"ended, or it was idle > {store.ttl_seconds:g} s and expired")
             _refuse_bad_audio(request, end)
             return stream.step(
-                confirmed=_input(request, contract.CONFIRMED),
+                confirmed=confirmed,
                 n_confirmed=_input(request, contract.N_CONFIRMED),
-                tentative=_input(request, contract.TENTATIVE),
+                tentative=tentative,
                 n_tentative=_input(request, contract.N_TENTATIVE),
                 frame_offset=int(_input(request, contract.FRAME_OFFSET).reshape(-1)[0]),
                 finished=bool(_input(request, contract.FINISHED).reshape(-1)[0]),
@@ -116,7 +137,7 @@ class TritonPythonModel:
             )
         finally:
             if end:
-                self.store.pop(corrid)
+                store.pop(corrid)
 
 
 def _refuse_bad_audio(request: Any, end: bool) -> None:
@@ -136,24 +157,9 @@ def _input(request: Any, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
-def _scalar(request: Any, name: str) -> Any:
-    """The single value of a control tensor (START / END / CORRID arrive as [1] or [1, 1])."""
-    values = _input(request, name).reshape(-1)
-    if values.size != 1:
-        raise ValueError(f"control input {name} must hold one value, got {values.size}")
-    value = values[0]
-    return value.decode() if isinstance(value, bytes) else value.item()
-
-
 def _request_parameters(request: Any) -> Dict[str, Any]:
     text = request.parameters()
     params = json.loads(text) if text else {}
     if not isinstance(params, dict):
         raise ValueError(f"request parameters must be a JSON object, got {text!r}")
     return params
-
-
-def _differences(current: SegmentParams, wanted: SegmentParams) -> str:
-    names = [f.name for f in dataclasses.fields(current)
-             if getattr(current, f.name) != getattr(wanted, f.name)]
-    return ", ".join(f"{n}={getattr(current, n)!r} (request asks {getattr(wanted, n)!r})" for n in names)

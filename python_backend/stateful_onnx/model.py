@@ -69,8 +69,9 @@ class TritonPythonModel:
 
     @staticmethod
     def _to_response(request: Any, result: SequenceResult) -> Any:
-        if result.error is not None:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(result.error))
+        if result.error is not None:  # the request's fault: INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400)
+            code = pb_utils.TritonError.INTERNAL if result.server_fault else pb_utils.TritonError.INVALID_ARG
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(result.error, code))
         wanted = set(request.requested_output_names())
         tensors = [
             pb_utils.Tensor(name, np.ascontiguousarray(value))

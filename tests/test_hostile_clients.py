@@ -1,0 +1,149 @@
+"""Hostile and careless clients, round 2 (issue 12), against a real tritonserver.
+
+Each test sends what the issue's black-box test sent, with raw ``tritonclient`` requests
+(``tests/rawseq.py``), and compares the streams with their solo runs:
+
+2. segment parameters on a later request (changed or malformed) do not advance-then-kill the stream:
+   they are honoured on START only and ignored afterwards, the stream ends exactly as alone;
+3. the same sequence id STARTed on two presets at once: two independent streams;
+4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
+   64 rows ends with every segment of the offline reference;
+5. unbounded segment parameters are refused on START with the bound, before anything is allocated;
+9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
+10. the client library accepts exactly the sequence ids every protocol accepts (the largest works on all).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from clients.sortformer_client import DiarizationClient, new_sequence_id
+from sortformer_triton.presets import get_preset
+from sortformer_triton.samples import conversation
+from sortformer_triton.timeline import SegmentParams, segments_from_probs
+from tests.rawseq import RawSequence, steps
+
+LOW = get_preset("low")
+ULTRA = get_preset("ultra_low")
+INVALID = "StatusCode.INVALID_ARGUMENT"
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    return conversation(seconds, n_speakers=3, seed=seed)[0]
+
+
+def _solo(url: str, preset, audio: np.ndarray) -> Tuple[np.ndarray, List]:
+    seq = RawSequence(url, preset, new_sequence_id())
+    try:
+        for request in steps(preset, audio):
+            reply = seq.step(request)
+            assert reply.error == "", reply.error
+        assert seq.assembler.finished
+        return seq.assembler.confirmed, seq.finalized
+    finally:
+        seq.close()
+
+
+@pytest.fixture(scope="module")
+def audio() -> Dict[str, np.ndarray]:
+    return {"low": _audio(7.9, 12001), "ultra_low": _audio(6.1, 12002)}
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_server, audio) -> Dict[str, Tuple[np.ndarray, List]]:
+    return {name: _solo(tiny_server.grpc_url, get_preset(name), a) for name, a in audio.items()}
+
+
+# ---- 2. parameters after START -------------------------------------------------------------------------
+@pytest.mark.parametrize("later", [{"onset": "0.9"}, {"median_filter_frames": "abc"}, {"pad_offset": 1e300}])
+def test_parameters_on_a_later_request_leave_the_stream_intact(later, tiny_server, audio, solo) -> None:
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        for k, request in enumerate(steps(LOW, audio["low"])):
+            # after confirmed frames exist (k >= 3), so a refusal after the stateful steps would show
+            reply = seq.step(request, parameters=later if k in (3, 5) else None)
+            assert reply.error == "", reply.error
+        assert seq.assembler.finished
+        np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
+        assert seq.finalized == solo["low"][1]
+    finally:
+        seq.close()
+
+
+# ---- 3. one id, two presets ---------------------------------------------------------------------------
+def test_the_same_sequence_id_on_two_presets_runs_two_streams(tiny_server, audio, solo) -> None:
+    sid = 3  # small ids are what load tools use
+    low, ultra = RawSequence(tiny_server.grpc_url, LOW, sid), RawSequence(tiny_server.grpc_url, ULTRA, sid)
+    try:
+        plans = [(low, steps(LOW, audio["low"])), (ultra, steps(ULTRA, audio["ultra_low"]))]
+        for k in range(max(len(p) for _, p in plans)):
+            for seq, plan in plans:
+                if k < len(plan):
+                    reply = seq.step(plan[k])
+                    assert reply.error == "", f"{seq.model} request {k}: {reply.error}"
+        for seq, name in ((low, "low"), (ultra, "ultra_low")):
+            assert seq.assembler.finished
+            np.testing.assert_array_equal(seq.assembler.confirmed, solo[name][0])
+            assert seq.finalized == solo[name][1]
+    finally:
+        low.close()
+        ultra.close()
+
+
+# ---- 4. END delivers everything -----------------------------------------------------------------------
+def test_end_delivers_every_segment_of_a_long_step(tiny_server) -> None:
+    params = {"min_duration_on": 0.0, "min_duration_off": 0.0, "onset": 0.569, "offset": 0.569}
+    noise = np.random.default_rng(12).normal(0.0, 0.3, 40 * 16000).astype(np.float32)
+    with DiarizationClient(tiny_server.grpc_url, preset="very_high") as client:
+        result = client.diarize(noise, segment_params=params)
+    assert result.finished
+    offline = segments_from_probs(result.probs, SegmentParams(**params))
+    assert len(offline) > 64, f"only {len(offline)} segments: the case does not exceed the old 64 rows"
+    key = lambda s: (round(s.start, 3), round(s.end, 3), s.speaker)  # noqa: E731 (SEGMENTS is float32)
+    assert sorted(map(key, result.segments)) == sorted(map(key, offline))
+
+
+# ---- 5 and 9. bounded parameters, invalid-argument codes ---------------------------------------------
+@pytest.mark.parametrize("bad, says", [
+    ({"median_filter_frames": 1000000001}, "odd integer in 1..63"),
+    ({"median_filter_frames": 1000001}, "odd integer in 1..63"),
+    ({"pad_offset": "1e300"}, "pad_offset is a duration in seconds in [0, 10]"),
+    ({"min_duration_on": "1e9"}, "min_duration_on is a duration in seconds in [0, 60]"),
+])
+def test_unbounded_parameters_are_refused_on_start(bad, says, tiny_server, audio, solo) -> None:
+    plan = steps(LOW, audio["low"])
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        reply = seq.send(plan[0].audio, plan[0].valid, start=True, parameters=bad)
+        assert reply.outputs is None and says in reply.error and reply.status == INVALID, reply
+        for request in plan:  # the client starts again on the same id: a normal stream
+            assert seq.step(request).error == ""
+        np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
+    finally:
+        seq.close()
+
+
+def test_refusals_are_invalid_argument(tiny_server, audio) -> None:
+    plan = steps(LOW, audio["low"])
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        assert seq.step(plan[0]).error == ""
+        nan = np.where(np.arange(LOW.step_samples) == 9, np.nan, plan[1].audio).astype(np.float32)
+        reply = seq.send(nan, LOW.step_samples)
+        assert "NaN" in reply.error and reply.status == INVALID, reply
+        reply = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id()).send(plan[1].audio, LOW.step_samples)
+        assert "START" in reply.error and reply.status == INVALID, reply  # Triton's own: no START
+    finally:
+        seq.close()
+
+
+# ---- 10. the largest sequence id the client accepts works on every protocol ------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "grpc-stream", "http"])
+def test_the_largest_accepted_sequence_id_works_on_every_protocol(protocol, tiny_server) -> None:
+    url = tiny_server.http_url if protocol == "http" else tiny_server.grpc_url
+    with DiarizationClient(url, protocol=protocol, preset="ultra_low") as client:
+        with client.open_stream(sequence_id=2 ** 63 - 1) as stream:
+            stream.feed(np.zeros(ULTRA.step_samples * 2, np.float32))
+            assert stream.close().finished
