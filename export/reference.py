@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -36,11 +36,20 @@ def nemo_features(model, audio: np.ndarray) -> np.ndarray:
     return feats[0, :, : int(length[0])].T.numpy()
 
 
+# A silence decision (sum of a popped frame's predictions < sil_threshold) this close to its threshold is
+# decided by float rounding: two float implementations (two onnxruntime/torch builds, two CPUs) may take
+# either side, and the streams differ from the next step on (docs/parity.md).
+BOUNDARY_MARGIN = 1e-5
+
+
 @dataclasses.dataclass
 class NemoResult:
     preds: np.ndarray  # [frames, 4]
     steps: int
     compressions: int
+    # the first step whose silence decision lay within BOUNDARY_MARGIN of sil_threshold, and that margin
+    near_boundary_step: Optional[int] = None
+    near_boundary_margin: Optional[float] = None
 
 
 @contextlib.contextmanager
@@ -60,6 +69,26 @@ def _count_compressions(model):
         modules._compress_spkcache = original
 
 
+@contextlib.contextmanager
+def _watch_silence_boundaries(model, step_of):
+    """Record (step, |sum(preds) - sil_threshold|) of every silence decision NeMo makes."""
+    modules = model.sortformer_modules
+    original = modules._get_silence_profile
+    seen = []
+
+    def watching(mean_sil_emb, n_sil_frames, emb_seq, preds):
+        sums = preds.sum(dim=2)
+        if sums.numel():
+            seen.append((step_of(), float((sums - modules.sil_threshold).abs().min())))
+        return original(mean_sil_emb, n_sil_frames, emb_seq, preds)
+
+    modules._get_silence_profile = watching
+    try:
+        yield seen
+    finally:
+        modules._get_silence_profile = original
+
+
 @torch.no_grad()
 def nemo_stream(model, preset: Preset, audio: np.ndarray) -> NemoResult:
     """NeMo's streaming loop (``forward_streaming`` with async_streaming=True) on one recording,
@@ -73,7 +102,7 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray) -> NemoResult:
     total = torch.zeros((1, 0, modules.n_spk))
     offset = torch.zeros((1,), dtype=torch.long)
     steps = 0
-    with _count_compressions(model) as counter:
+    with _count_compressions(model) as counter, _watch_silence_boundaries(model, lambda: steps) as silences:
         for _, chunk, chunk_len, left, right in modules.streaming_feat_loader(
             feat_seq=feats, feat_seq_length=length, feat_seq_offset=offset
         ):
@@ -82,7 +111,10 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray) -> NemoResult:
                 total_preds=total, left_offset=left, right_offset=right,
             )
             steps += 1
-    return NemoResult(preds=total[0].numpy(), steps=steps, compressions=counter["n"])
+    near = [(step, margin) for step, margin in silences if margin < BOUNDARY_MARGIN]
+    return NemoResult(preds=total[0].numpy(), steps=steps, compressions=counter["n"],
+                      near_boundary_step=near[0][0] if near else None,
+                      near_boundary_margin=near[0][1] if near else None)
 
 
 def torch_fn(module: torch.nn.Module, io: contract.ModelIO) -> GraphFn:

@@ -36,7 +36,13 @@ def test_parity_with_nemo_batch_1_and_4(tiny, preset, tmp_path):
     for line in lines:
         print(json.dumps(line))
         assert line["all_confirmed"], line
-        assert line["max_abs_diff"] <= 1e-4, line
+        # every frame within 1e-4, except after a silence decision NeMo itself made within float rounding
+        # (reference.BOUNDARY_MARGIN) of its threshold: there the frames up to that decision must agree
+        for boundary in line["near_boundary"]:
+            if boundary is not None and boundary["max_abs_diff"] > 1e-4:
+                assert boundary["margin"] < 1e-5 and boundary["max_abs_diff_before"] <= 1e-4, line
+        assert line["max_abs_diff"] <= 1e-4 or any(b is not None for b in line["near_boundary"]), line
+        assert line["pass"], line
         assert line["features_max_abs_diff_vs_float64"] <= 1e-5, line
         assert line["features_max_abs_diff"] <= line["nemo_features_vs_float64"] + 1e-5, line
     assert min(lines[0]["compressions"]) >= 3
