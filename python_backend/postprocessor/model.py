@@ -74,8 +74,8 @@ class TritonPythonModel:
             expired = store.expire()
             if expired:
                 pb_utils.Logger.log_warn(
-                    f"postprocessor: dropped {len(expired)} sequence(s) of preset shape {key} idle > "
-                    f"{store.ttl_seconds:g} s without END: {expired[:8]}")
+                    f"postprocessor: dropped {len(expired)} sequence(s) idle > {store.ttl_seconds:g} s "
+                    f"without END (preset shape {key}): {expired[:8]}")
         return [self._respond(request) for request in requests]
 
     def finalize(self) -> None:
