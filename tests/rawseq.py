@@ -86,3 +86,16 @@ class RawSequence:
 
 def steps(preset: Preset, audio: np.ndarray) -> List[StepRequest]:
     return list(iter_steps(preset, audio))
+
+
+def solo_run(url: str, preset: Preset, audio: np.ndarray, sequence_id: int) -> "tuple[np.ndarray, List[Segment]]":
+    """One stream alone, every step accepted and every frame confirmed: its predictions and finalized segments."""
+    seq = RawSequence(url, preset, sequence_id)
+    try:
+        for request in steps(preset, audio):
+            reply = seq.step(request)
+            assert reply.error == "", reply.error
+        assert seq.assembler.finished
+        return seq.assembler.confirmed, seq.finalized
+    finally:
+        seq.close()

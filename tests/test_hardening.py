@@ -20,7 +20,7 @@ import pytest
 from clients.sortformer_client import DiarizationClient, ModelUnavailable, Result, new_sequence_id
 from sortformer_triton.presets import PresetError, get_preset
 from sortformer_triton.samples import conversation
-from tests.rawseq import RawSequence, steps
+from tests.rawseq import RawSequence, solo_run, steps
 
 PRESET = get_preset("low")
 STEP = PRESET.step_samples
@@ -48,15 +48,7 @@ BAD: Dict[str, Callable[[np.ndarray], BadRequest]] = {
 
 
 def _solo(url: str, audio: np.ndarray) -> Tuple[np.ndarray, List]:
-    seq = RawSequence(url, PRESET, new_sequence_id())
-    try:
-        for request in steps(PRESET, audio):
-            reply = seq.step(request)
-            assert reply.error == "", reply.error
-        assert seq.assembler.finished
-        return seq.assembler.confirmed, seq.finalized
-    finally:
-        seq.close()
+    return solo_run(url, PRESET, audio, new_sequence_id())
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from clients.sortformer_client import DiarizationClient, new_sequence_id
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 from sortformer_triton.timeline import SegmentParams, segments_from_probs
-from tests.rawseq import RawSequence, steps
+from tests.rawseq import RawSequence, solo_run, steps
 
 LOW = get_preset("low")
 ULTRA = get_preset("ultra_low")
@@ -35,15 +35,7 @@ def _audio(seconds: float, seed: int) -> np.ndarray:
 
 
 def _solo(url: str, preset, audio: np.ndarray) -> Tuple[np.ndarray, List]:
-    seq = RawSequence(url, preset, new_sequence_id())
-    try:
-        for request in steps(preset, audio):
-            reply = seq.step(request)
-            assert reply.error == "", reply.error
-        assert seq.assembler.finished
-        return seq.assembler.confirmed, seq.finalized
-    finally:
-        seq.close()
+    return solo_run(url, preset, audio, new_sequence_id())
 
 
 @pytest.fixture(scope="module")
