@@ -12,6 +12,19 @@ State goes in as inputs and comes out as ``out_<name>`` outputs (see sortformer_
   the window, pack [speaker cache | FIFO | chunk], FastConformer + Transformer + speaker head, then the
   speaker-cache/FIFO update of ``SortformerModules.streaming_update_async`` including the compression
   (score boosts, top-k per speaker, silence frames) with NeMo's quirks.
+
+Two places where "NeMo's arithmetic" needs a rule NeMo does not state (docs/parity.md):
+
+* **Top-k ties.** A confident model gives many frames exactly equal compression scores; NeMo's
+  ``torch.topk(..., sorted=False)`` orders equal values as its kernel happens to. These graphs take the ONNX
+  TopK rule, equal values by lower index first (:func:`stable_topk`, the same in torch and onnxruntime);
+  parity compares with NeMo under that rule (``export.reference.deterministic_topk``).
+* **Rounding of the score logs.** Exported, the scores' logs are correctly rounded (:func:`score_log`), the
+  closest float32 implementation of torch's log we can write in ONNX; where the two still differ, NeMo's
+  top-k can decide differently (``export.reference`` records such steps as ``log_rounding``).
+* **Saturated sigmoids.** onnxruntime's ``Sigmoid`` kernel rounds differently from ``torch.sigmoid`` near
+  0 and 1 (about 1 % of the logits above 5 give 1 - 2**-24 instead of 1.0), which breaks exact ties NeMo
+  has; ``1 / (1 + exp(-x))`` gives exactly 1.0 on the same logits as torch (:func:`speaker_sigmoid`).
 """
 from __future__ import annotations
 
@@ -59,6 +72,33 @@ def _concat_valid(parts: Sequence[Tuple[Tensor, Tensor]], out_len: int) -> Tenso
         src = torch.where((pos >= start) & (pos < end), offset + pos - start, src)
         start, offset = end, offset + tensor.shape[1]
     return _gather_rows(cat, src)
+
+
+def stable_topk(x: Tensor, k: int, dim: int = 1) -> Tuple[Tensor, Tensor]:
+    """The k largest values along ``dim`` and their indices, equal values by lower index first.
+
+    Exported, this is ONNX TopK, whose specification breaks ties by lower index; run in torch it is a stable
+    descending sort cut to k (torch's own ``topk`` leaves the order of ties to its kernel).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(x, k, dim=dim, largest=True, sorted=True)
+    values, idx = torch.sort(x, dim=dim, descending=True, stable=True)
+    return values.narrow(dim, 0, k), idx.narrow(dim, 0, k)
+
+
+def speaker_sigmoid(logits: Tensor) -> Tensor:
+    """torch.sigmoid, written so that onnxruntime saturates to exactly 0/1 on the logits torch does."""
+    return 1.0 / (1.0 + torch.exp(-logits))
+
+
+def score_log(x: Tensor) -> Tensor:
+    """The log of the compression scores. Exported: computed in float64 and rounded to float32, i.e. correctly
+    rounded; onnxruntime's float32 Log is an ulp off torch's on 1-3 % of these inputs, which unties scores
+    NeMo finds equal. torch's own float32 log (run in torch: NeMo's exactly) is correctly rounded on ~99.9 %
+    of them; docs/parity.md has the measurement."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.log(x.to(torch.float64)).to(x.dtype)
+    return torch.log(x)
 
 
 def _reset(start: Tensor, *states: Tensor) -> Tuple[Tensor, ...]:
@@ -247,22 +287,26 @@ class StreamingStep(nn.Module):
 
     # ---- the neural part, exactly NeMo's modules ------------------------------------------------
     def predict(self, packed: Tensor, lengths: Tensor) -> Tensor:
-        model = self.model
+        """NeMo's ``forward_infer`` + ``apply_mask_to_preds``, the head's sigmoid as :func:`speaker_sigmoid`."""
+        model, m = self.model, self.model.sortformer_modules
         emb, emb_len = model.frontend_encoder(processed_signal=packed, processed_signal_length=lengths, bypass_pre_encode=True)
-        preds = model.forward_infer(emb, emb_len)
-        return model.sortformer_modules.apply_mask_to_preds(preds, emb_len)
+        mask = m.length_to_mask(emb_len, emb.shape[1])
+        hidden = model.transformer_encoder(encoder_states=emb, encoder_mask=mask)
+        hidden = m.first_hidden_to_hidden(torch.relu(hidden))  # dropout: identity in eval
+        preds = speaker_sigmoid(m.single_hidden_to_spks(torch.relu(hidden))) * mask.unsqueeze(-1)
+        return m.apply_mask_to_preds(preds, emb_len)
 
     # ---- NeMo's _compress_spkcache, fixed shapes ------------------------------------------------
     def _boost_topk(self, scores: Tensor, k: int, scale: float) -> Tensor:
-        _, idx = torch.topk(scores, k, dim=1, largest=True, sorted=False)
+        _, idx = stable_topk(scores, k, dim=1)
         mask = torch.zeros_like(scores).scatter(1, idx, 1.0)
         return scores - mask * (scale * math.log(0.5))
 
     def compress(self, emb: Tensor, preds: Tensor, mean_sil: Tensor) -> Tuple[Tensor, Tensor]:
         b, n, _ = preds.shape
         thr = self.pred_score_threshold
-        log_p = torch.log(preds.clamp(min=thr))
-        log_1p = torch.log((1.0 - preds).clamp(min=thr))
+        log_p = score_log(preds.clamp(min=thr))
+        log_1p = score_log((1.0 - preds).clamp(min=thr))
         scores = log_p - log_1p + log_1p.sum(dim=2, keepdim=True) - math.log(0.5)
         is_speech = preds > 0.5
         scores = torch.where(is_speech, scores, torch.full_like(scores, NEG_INF))
@@ -279,7 +323,7 @@ class StreamingStep(nn.Module):
             scores = torch.cat([scores, pad], dim=1)
         n_all = scores.shape[1]
         flat = scores.permute(0, 2, 1).reshape(b, -1)
-        values, idx = torch.topk(flat, self.S, dim=1, largest=True, sorted=False)
+        values, idx = stable_topk(flat, self.S, dim=1)
         idx = torch.where(values != NEG_INF, idx, torch.full_like(idx, self.max_index))
         idx, _ = torch.sort(idx, dim=1)
         disabled = idx == self.max_index

@@ -10,7 +10,7 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 DEFAULT_HF_ID = "nvidia/diar_streaming_sortformer_4spk-v2.1"
 RANDOM_SOURCES = ("full", "tiny")
@@ -134,14 +134,29 @@ def _quiet_nemo() -> None:
         pass
 
 
-def random_model(size: str, seed: int = 0, calibrate: bool = True):
+# Head fits: logits fitted to +-margin. 4 gives a calibrated head (p in ~0.02..0.98, no two compression scores
+# equal); a saturated fit (stretched to +-margin per standard deviation) gives a confident one like a trained
+# model's: ~90 % of the frames read > 0.999 or < 0.001, speech mostly exactly 1.0, so the compression scores of
+# many frames are exactly equal and the top-k's tie rule decides (docs/parity.md). Steeper heads also amplify
+# float rounding at speaker changes: 24 ties every compression on synthetic voices; espeak-ng speech, which a
+# random encoder separates less well, needs 44 for ties in at least 3 compressions per preset.
+CALIBRATED_MARGIN = 4.0
+SATURATED_MARGIN = 24.0
+ESPEAK_SATURATED_MARGIN = 44.0
+VOICES = ("synthetic", "espeak")
+
+
+def random_model(size: str, seed: int = 0, calibrate: bool = True, saturated: bool = False,
+                 voices: str = "synthetic", margin: Optional[float] = None):
     """Random init of the real architecture.
 
-    With ``calibrate`` (default) the speaker head alone is then fitted by ridge regression to a synthetic
-    4-speaker conversation, so predictions behave like a trained model's: high during a speaker's turns,
-    low in pauses, overlaps. A purely random head outputs nearly constant probabilities, which never
-    exercises the speaker-cache compression (speech > 0.5, silence < 0.2, positive scores) and packs the
-    compression scores so tightly that float rounding decides the top-k.
+    With ``calibrate`` (default) the speaker head alone is then fitted by ridge regression to a 4-speaker
+    conversation (``voices``: synthetic, or espeak-ng speech), so predictions behave like a trained model's:
+    high during a speaker's turns, low in pauses, overlaps. A purely random head outputs nearly constant
+    probabilities, which never exercises the speaker-cache compression (speech > 0.5, silence < 0.2, positive
+    scores) and packs the compression scores so tightly that float rounding decides the top-k. With
+    ``saturated`` the fit is stretched to +-``margin`` (default SATURATED_MARGIN) per standard deviation:
+    the confident regime of a trained model, with ties.
     """
     import torch
     from omegaconf import OmegaConf
@@ -153,20 +168,58 @@ def random_model(size: str, seed: int = 0, calibrate: bool = True):
     torch.manual_seed(seed)
     cfg = OmegaConf.create(copy.deepcopy(ARCHITECTURES[size]))
     model = prepare(SortformerEncLabelModel(cfg=cfg))
-    if calibrate:
-        calibrate_head(model, seed=seed)
+    if calibrate or saturated:
+        if margin is None:
+            margin = SATURATED_MARGIN if saturated else CALIBRATED_MARGIN
+        calibrate_head(model, seed=seed, margin=margin, voices=voices, saturate=saturated)
     return model
 
 
-def calibrate_head(model, seed: int = 0, seconds: float = 90.0, margin: float = 4.0, ridge: float = 1e-2) -> None:
-    """Fit ``single_hidden_to_spks`` so its logits approach +margin while a speaker talks, -margin otherwise."""
+def saturated_model(size: str, seed: int = 0, voices: str = "synthetic", margin: Optional[float] = None):
+    """A random-init model whose head is fitted to predict like a confident trained model (see random_model)."""
+    return random_model(size, seed=seed, saturated=True, voices=voices, margin=margin)
+
+
+def pin_slot(model, slot: int, probability: float) -> float:
+    """Make speaker slot ``slot`` predict exactly ``probability`` (float32) on every frame: its head row is
+    zeroed and its bias set to a logit whose sigmoid is exactly that value in torch and in the exported
+    graphs. Used to land NeMo's decisions exactly on their boundaries (p = 0.5 vs ``preds > 0.5``; a silent
+    frame's sum = 0.2 vs ``sum < sil_threshold``). Returns the logit."""
+    import numpy as np
+    import torch
+
+    from .graphs import speaker_sigmoid
+
+    target = torch.tensor(probability, dtype=torch.float32)
+    guess = np.float32(np.log(probability / (1.0 - probability)))
+    ulp = np.spacing(np.abs(guess)) if guess != 0 else np.float32(0)
+    for d in sorted(range(-256, 257), key=abs):  # the nearest float32 logit that works
+        x = torch.tensor(np.float32(guess + d * ulp), dtype=torch.float32)
+        if torch.sigmoid(x) == target and speaker_sigmoid(x) == target:
+            break
+    else:
+        raise ValueError(f"no float32 logit gives exactly p = {probability} in both sigmoids")
+    head = model.sortformer_modules.single_hidden_to_spks
+    with torch.no_grad():
+        head.weight[slot].zero_()
+        head.bias[slot] = x
+    return float(x)
+
+
+def calibrate_head(model, seed: int = 0, seconds: float = 90.0, margin: float = CALIBRATED_MARGIN,
+                   ridge: float = 1e-2, voices: str = "synthetic", saturate: bool = False) -> None:
+    """Fit ``single_hidden_to_spks`` so its logits approach +margin while a speaker talks, -margin otherwise
+    (``saturate``: then recentred and stretched to +-margin per standard deviation)."""
     import numpy as np
     import torch
 
     from sortformer_triton.presets import FRAME_SECONDS
-    from sortformer_triton.samples import conversation
+    from sortformer_triton.samples import conversation, espeak_conversation
 
-    audio, turns = conversation(seconds, n_speakers=4, seed=1000 + seed)
+    if voices not in VOICES:
+        raise ValueError(f"voices must be one of {VOICES}")
+    make = conversation if voices == "synthetic" else espeak_conversation
+    audio, turns = make(seconds, n_speakers=4, seed=1000 + seed)
     mods = model.sortformer_modules
     with torch.no_grad():
         x = torch.from_numpy(audio).unsqueeze(0)
@@ -184,6 +237,17 @@ def calibrate_head(model, seed: int = 0, seconds: float = 90.0, margin: float = 
     scale = h.std(axis=0) + 1e-6
     hs = h / scale
     w = np.linalg.solve(hs.T @ hs + ridge * n * np.eye(hs.shape[1]), hs.T @ target) / scale[:, None]
+    if saturate:
+        # Ridge shrinks the fit towards the mean, so a random encoder's logits rarely cross 0: move each
+        # speaker's threshold to the quantile of its talk time and stretch to `margin` per standard deviation,
+        # as a trained model is confident: most frames saturate (p exactly 1.0, or ~1e-10).
+        z = h @ w
+        active = (target > 0).mean(axis=0)
+        for s in range(mods.n_spk):
+            threshold = np.quantile(z[:, s], 1.0 - active[s]) if 0 < active[s] < 1 else 0.0
+            stretch = margin / max(z[:, s].std(), 1e-9)
+            w[:, s] *= stretch
+            w[-1, s] -= threshold * stretch
     with torch.no_grad():
         mods.single_hidden_to_spks.weight.copy_(torch.from_numpy(w[:-1].T).float())
         mods.single_hidden_to_spks.bias.copy_(torch.from_numpy(w[-1]).float())

@@ -4,15 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# Debian's Chromium and its chromedriver: the web gateway's browser test (tests/test_gateway.py) drives them.
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+# Debian packages: Chromium and its chromedriver (the web gateway's browser test drives them), espeak-ng and
+# sox (speech-like conversations for the parity suite: sortformer_triton.samples.espeak_conversation).
+missing=""
+for tool in chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng sox:sox; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool##*:}"
+done
+if [ -n "$missing" ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
   if [ "$SUDO" != "none" ] && command -v apt-get >/dev/null 2>&1; then
     $SUDO apt-get update -qq
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+    # shellcheck disable=SC2086
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
   else
-    echo "setup.sh: chromium/chromedriver missing and no root to install them (apt-get install chromium" \
-         "chromium-driver); the browser test will fail" >&2
+    echo "setup.sh: missing Debian packages:$missing and no root to install them (apt-get install$missing);" \
+         "the browser and espeak-ng parity tests will fail" >&2
   fi
 fi
 if [ ! -x .venv/bin/python ]; then

@@ -1,4 +1,5 @@
-"""Synthetic multi-speaker conversations (numpy only) for tests, parity runs, benchmarks and demos.
+"""Multi-speaker conversations for tests, parity runs, benchmarks and demos: synthetic voices (numpy only) and
+espeak-ng speech (espeak_conversation).
 
 Each speaker is a voiced source with its own pitch range and formants; turns alternate with pauses and
 occasional overlaps, over a low noise floor (real recordings are never digitally silent). The reference
@@ -64,6 +65,94 @@ def conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: fl
             pos = max(0.0, end - rng.uniform(0.2, 0.8))  # the next speaker cuts in
         else:
             pos = end + rng.uniform(0.1, 1.2)
+        spk = (spk + int(rng.integers(1, n_speakers))) % n_speakers if n_speakers > 1 else 0
+    audio += 10 ** (noise_db / 20) * rng.standard_normal(n)
+    return np.clip(audio, -1, 1).astype(np.float32), turns
+
+
+# espeak-ng voices for speech-like conversations: (voice, pitch 0-99, words per minute, gain dB). Different
+# timbres, pitches, rates and loudness, so a diarizer has something to tell apart (docs/parity.md).
+ESPEAK_VOICES = [
+    ("en-us+m3", 35, 160, 0.0),
+    ("en+f3", 75, 175, -5.0),
+    ("en-gb+m7", 20, 145, -9.0),
+    ("en+f4", 90, 185, -2.5),
+]
+_WORDS = (
+    "the meeting starts at nine and we still need the slides for the budget review so please send them "
+    "before lunch I think the second quarter looked better than we expected but the travel costs went up "
+    "again can you check the numbers with finance tomorrow morning we should also talk about hiring two "
+    "more engineers for the streaming team because the backlog keeps growing every week and nobody has "
+    "time to write the documentation that the customers keep asking for"
+).split()
+
+
+class SpeechSynthesisError(RuntimeError):
+    """espeak-ng or sox is missing or failed."""
+
+
+def _synthesize(text: str, voice: str, pitch: int, wpm: int) -> np.ndarray:
+    """One utterance from espeak-ng, resampled by sox to 16 kHz mono float32 in [-1, 1]."""
+    import io
+    import shutil
+    import subprocess
+
+    import soundfile as sf
+
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise SpeechSynthesisError(f"{tool} is not installed (Debian: apt-get install espeak-ng sox)")
+    try:
+        wav = subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(wpm), "--stdout", text],
+                             check=True, capture_output=True, timeout=60).stdout
+        wav = subprocess.run(["sox", "--no-dither", "-t", "wav", "-", "-t", "wav", "-r", str(SAMPLE_RATE), "-c", "1",
+                              "-e", "floating-point", "-b", "32", "-"],
+                             input=wav, check=True, capture_output=True, timeout=60).stdout
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise SpeechSynthesisError(f"speech synthesis failed for voice {voice}: {exc}") from exc
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    assert rate == SAMPLE_RATE
+    return audio
+
+
+def _voiced_span(audio: np.ndarray, threshold_db: float = -40.0) -> Tuple[int, int]:
+    """First and last sample of 10 ms windows within threshold_db of the loudest."""
+    hop = SAMPLE_RATE // 100
+    n = len(audio) // hop
+    if n == 0:
+        return 0, len(audio)
+    rms = np.sqrt((audio[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(axis=1) + 1e-20)
+    loud = np.flatnonzero(20 * np.log10(rms / rms.max()) > threshold_db)
+    return int(loud[0] * hop), int((loud[-1] + 1) * hop)
+
+
+def espeak_conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: float = 0.15,
+                        noise_db: float = -60.0) -> Tuple[np.ndarray, List[Turn]]:
+    """Like :func:`conversation`, with espeak-ng speech: sentences in 1..4 voices of different pitch, rate and
+    loudness, pauses and overlaps. Turns are the voiced span of each utterance. Needs espeak-ng and sox."""
+    if not 1 <= n_speakers <= len(ESPEAK_VOICES):
+        raise ValueError(f"n_speakers must be 1..{len(ESPEAK_VOICES)}")
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * SAMPLE_RATE))
+    audio = np.zeros(n)
+    turns: List[Turn] = []
+    pos, spk = 0.3, 0
+    while pos < seconds:
+        voice, pitch, wpm, gain_db = ESPEAK_VOICES[spk]
+        words = rng.choice(_WORDS, size=int(rng.integers(3, 14)))
+        clip = _synthesize(" ".join(words), voice, pitch, wpm)
+        a, b = _voiced_span(clip)
+        clip = clip[a:b] * 10 ** (gain_db / 20)
+        start = int(pos * SAMPLE_RATE)
+        end = min(start + len(clip), n)
+        if end > start:
+            audio[start:end] += clip[: end - start]
+            turns.append(Turn(start / SAMPLE_RATE, end / SAMPLE_RATE, spk))
+        end_s = end / SAMPLE_RATE
+        if rng.random() < overlap and n_speakers > 1:
+            pos = max(0.0, end_s - rng.uniform(0.2, 0.8))
+        else:
+            pos = end_s + rng.uniform(0.15, 1.2)
         spk = (spk + int(rng.integers(1, n_speakers))) % n_speakers if n_speakers > 1 else 0
     audio += 10 ** (noise_db / 20) * rng.standard_normal(n)
     return np.clip(audio, -1, 1).astype(np.float32), turns
