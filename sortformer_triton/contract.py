@@ -195,19 +195,36 @@ def segment_rows(chunk_len: int) -> int:
     return N_SPEAKERS * ((settled + 1) // 2 + 3)
 
 
+# The postprocessor, the ensemble's last step, produces every ensemble output: the stateful steps' outputs
+# reach it under STEP_PREFIX + name and it passes them through. Triton 2.51's ensemble prunes the steps whose
+# outputs a request does not ask for -- also a step whose outputs a later step still needs -- so with outputs
+# spread over several steps a request for some of them ran the stateful steps and skipped the postprocessor
+# (or deadlocked); with every output made by one last step, a subset is only a filter.
+STEP_PREFIX = "STEP_"
+PASSED_THROUGH: Tuple[str, ...] = (CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED)
+
+
+def step_tensor(name: str) -> str:
+    """The ensemble-internal name of a stateful step's output that the postprocessor passes through."""
+    return STEP_PREFIX + name
+
+
 def postprocessor_io() -> ModelIO:
     """The postprocessor serves every preset: chunk-sized tensors have a variable first dim."""
+    passed = [
+        Tensor(CONFIRMED, "float32", (-1, N_SPEAKERS)),
+        Tensor(N_CONFIRMED, "int32", (1,)),
+        Tensor(TENTATIVE, "float32", (-1, N_SPEAKERS)),
+        Tensor(N_TENTATIVE, "int32", (1,)),
+        Tensor(FRAME_OFFSET, "int64", (1,)),
+        Tensor(FINISHED, "int32", (1,)),
+    ]
+    assert tuple(t.name for t in passed) == PASSED_THROUGH
     return ModelIO(
-        inputs=[
-            Tensor(CONFIRMED, "float32", (-1, N_SPEAKERS)),
-            Tensor(N_CONFIRMED, "int32", (1,)),
-            Tensor(TENTATIVE, "float32", (-1, N_SPEAKERS)),
-            Tensor(N_TENTATIVE, "int32", (1,)),
-            Tensor(FRAME_OFFSET, "int64", (1,)),
-            Tensor(FINISHED, "int32", (1,)),
+        inputs=[dataclasses.replace(t, name=step_tensor(t.name)) for t in passed] + [
             Tensor(INPUT_ERROR, "int32", (1,)),
         ],
-        outputs=[
+        outputs=passed + [
             # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0); segment_rows(C) of them
             Tensor(SEGMENTS, "float32", (-1, 4)),
             Tensor(N_SEGMENTS, "int32", (1,)),
@@ -216,11 +233,11 @@ def postprocessor_io() -> ModelIO:
 
 
 def ensemble_io(p: Preset) -> ModelIO:
+    """What clients send and receive; every output comes from the postprocessor, with the preset's fixed dims."""
     pre, sf, post = preprocessor_io(p), sortformer_io(p, 1), postprocessor_io()
-    by = {t.name: t for t in sf.outputs + post.outputs + pre.outputs}
+    by = {t.name: t for t in post.outputs + sf.outputs + pre.outputs}  # the steps' fixed dims win
     by[SEGMENTS] = Tensor(SEGMENTS, "float32", (segment_rows(p.chunk_len), 4))
-    names = [CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED, SEGMENTS, N_SEGMENTS]
-    return ModelIO(inputs=list(pre.inputs), outputs=[by[n] for n in names])
+    return ModelIO(inputs=list(pre.inputs), outputs=[by[t.name] for t in post.outputs])
 
 
 def tensor_table_markdown() -> str:
@@ -250,5 +267,7 @@ def tensor_table_markdown() -> str:
               "F = fifo_len (R and F at least 1), D = encoder width (512 full-size), n = any (the postprocessor "
               "serves every preset), G = 4 x (floor((C + 32) / 2) + 3) segment rows (every segment one response "
               "can finalize). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
-              "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1].")
+              "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1]. The "
+              "postprocessor gets the stateful steps' outputs as `STEP_<name>` and passes them on: every "
+              "ensemble output comes from that last step, so a request may ask for any subset of them.")
     return "\n".join(rows) + "\n\n" + legend + "\n"

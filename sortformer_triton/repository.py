@@ -300,33 +300,42 @@ def preset_key(preset: Preset) -> str:
     return f"{preset.chunk_len},{max(preset.right_context, 1)}"
 
 
-def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str]) -> mc.ModelEnsembling.Step:
-    """An ensemble step whose tensors keep the composing model's names inside the ensemble."""
+def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str],
+          renamed: Optional[Mapping[str, str]] = None) -> mc.ModelEnsembling.Step:
+    """An ensemble step whose tensors keep the composing model's names inside the ensemble, except those
+    ``renamed`` (model tensor name -> ensemble tensor name)."""
     known_in = {t.name for t in io.inputs}
     known_out = {t.name for t in io.outputs}
     missing = [n for n in inputs if n not in known_in] + [n for n in outputs if n not in known_out]
     if missing:
         raise ValueError(f"ensemble step {model}: tensors {missing} are not in its contract")
+    renamed = renamed or {}
     return mc.ModelEnsembling.Step(
         model_name=model, model_version=-1,
-        input_map={n: n for n in inputs}, output_map={n: n for n in outputs})
+        input_map={n: renamed.get(n, n) for n in inputs}, output_map={n: renamed.get(n, n) for n in outputs})
 
 
 def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
     """``diarizer_<preset>``: preprocessor -> sortformer -> postprocessor (no sequence_batching: Triton
-    forbids it on ensembles and forwards the sequence id and flags to the composing models)."""
+    forbids it on ensembles and forwards the sequence id and flags to the composing models).
+
+    Every ensemble output comes from the last step (the postprocessor passes the stateful steps' outputs
+    through, ``contract.PASSED_THROUGH``): Triton 2.51 prunes the steps none of whose outputs a request
+    asks for, even when a later step needs them, so outputs made by several steps let a request for some
+    of them move the stateful models' state without the postprocessor (or deadlock).
+    """
     io = contract.ensemble_io(preset)
     c = contract
+    internal = {name: c.step_tensor(name) for name in c.PASSED_THROUGH}
+    post_io = c.postprocessor_io()
     steps = [
         _step(c.preprocessor_name(preset), c.preprocessor_io(preset),
               [c.AUDIO, c.AUDIO_LENGTH],
-              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR]),
+              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR], internal),
         _step(c.sortformer_name(preset), c.sortformer_io(preset, 1),
               [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX],
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET]),
-        _step(c.POSTPROCESSOR, c.postprocessor_io(),
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FINISHED, c.INPUT_ERROR],
-              [c.SEGMENTS, c.N_SEGMENTS]),
+              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET], internal),
+        _step(c.POSTPROCESSOR, post_io, [t.name for t in post_io.inputs], [t.name for t in post_io.outputs]),
     ]
     return mc.ModelConfig(
         name=c.ensemble_name(preset),

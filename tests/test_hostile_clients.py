@@ -4,7 +4,8 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 (``tests/rawseq.py``), and compares the streams with their solo runs:
 
 2. segment parameters on a later request (changed or malformed) do not advance-then-kill the stream:
-   they are honoured on START only and ignored afterwards, the stream ends exactly as alone;
+   they are honoured on START only and ignored afterwards, the stream ends exactly as alone; a request
+   asking for only some outputs gets exactly those (equal to the full response's) and the stream goes on;
 3. the same sequence id STARTed on two presets at once: two independent streams;
 4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
    64 rows ends with every segment of the offline reference;
@@ -23,7 +24,7 @@ from clients.sortformer_client import DiarizationClient, new_sequence_id
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 from sortformer_triton.timeline import SegmentParams, segments_from_probs
-from tests.rawseq import RawSequence, solo_run, steps
+from tests.rawseq import OUTPUTS, RawSequence, solo_run, steps
 
 LOW = get_preset("low")
 ULTRA = get_preset("ultra_low")
@@ -61,6 +62,31 @@ def test_parameters_on_a_later_request_leave_the_stream_intact(later, tiny_serve
         np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
         assert seq.finalized == solo["low"][1]
     finally:
+        seq.close()
+
+
+# every subset Triton 2.51's ensemble pruning broke: only the postprocessor's outputs (deadlock after the
+# preprocessor moved), only stateful-step outputs (the postprocessor skipped a step), one of each
+@pytest.mark.parametrize("subset", [
+    ("SEGMENTS", "N_SEGMENTS"), ("CONFIRMED",), ("FINISHED",), ("CONFIRMED", "SEGMENTS"), ("N_TENTATIVE", "FRAME_OFFSET"),
+])
+def test_a_request_for_some_outputs_gets_them_and_the_stream_goes_on(subset, tiny_server, audio) -> None:
+    plan = steps(LOW, audio["low"])
+    solo = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        for k, request in enumerate(plan):
+            full = solo.send(request.audio, request.valid, request.start, request.end)
+            assert full.error == "", full.error
+            # confirmed frames exist from k = 3: a step the postprocessor missed would break the next one
+            reply = seq.send(request.audio, request.valid, request.start, request.end,
+                             outputs=subset if k in (1, 4) else OUTPUTS)
+            assert reply.error == "", f"request {k}: {reply.error}"
+            assert sorted(reply.outputs) == sorted(subset if k in (1, 4) else OUTPUTS)
+            for name, value in reply.outputs.items():
+                np.testing.assert_array_equal(value, full.outputs[name], err_msg=f"request {k} {name}")
+    finally:
+        solo.close()
         seq.close()
 
 
