@@ -90,6 +90,10 @@ def sortformer_name(preset: Preset) -> str:
 
 
 POSTPROCESSOR = "postprocessor"
+# The ensemble's first step: refuses a START whose segment parameters the postprocessor would refuse, before
+# the stateful models see it (a START they ran holds a sequence slot until END or the idle timeout)
+ADMISSION = "admission"
+ADMITTED_AUDIO_LENGTH = "ADMITTED_AUDIO_LENGTH"  # AUDIO_LENGTH once admitted: the preprocessor waits for it
 
 # ---- input validation ------------------------------------------------------------------------------
 # The preprocessor graph checks every request's audio and reports what is wrong as a bit mask in
@@ -209,6 +213,13 @@ def step_tensor(name: str) -> str:
     return STEP_PREFIX + name
 
 
+def admission_io() -> ModelIO:
+    """AUDIO_LENGTH in, the same out: the preprocessor step reads it from here, so it runs only on admitted
+    requests (an ensemble stops at a step's error)."""
+    return ModelIO(inputs=[Tensor(AUDIO_LENGTH, "int32", (1,))],
+                   outputs=[Tensor(ADMITTED_AUDIO_LENGTH, "int32", (1,))])
+
+
 def postprocessor_io() -> ModelIO:
     """The postprocessor serves every preset: chunk-sized tensors have a variable first dim."""
     passed = [
@@ -256,8 +267,9 @@ def tensor_table_markdown() -> str:
         return "[" + ", ".join(symbols.get(d, str(d)) for d in t.dims) + "]"
 
     rows = ["| model | tensor | kind | dtype | dims (batch dim implied) |", "|---|---|---|---|---|"]
-    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), ("preprocessor_&lt;preset&gt;", preprocessor_io(p)),
-              ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)), ("postprocessor", postprocessor_io())]
+    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), (ADMISSION, admission_io()),
+              ("preprocessor_&lt;preset&gt;", preprocessor_io(p)), ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)),
+              (POSTPROCESSOR, postprocessor_io())]
     for model, io in models:
         for kind, tensors in (("input", io.inputs), ("output", io.outputs), ("state", io.states)):
             for t in tensors:
@@ -269,5 +281,7 @@ def tensor_table_markdown() -> str:
               "can finalize). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
               "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1]. The "
               "postprocessor gets the stateful steps' outputs as `STEP_<name>` and passes them on: every "
-              "ensemble output comes from that last step, so a request may ask for any subset of them.")
+              "ensemble output comes from that last step, so a request may ask for any subset of them. `admission` "
+              "(the first step, shared by every preset) refuses a START with bad segment parameters before the "
+              "stateful models see it; the preprocessor reads AUDIO_LENGTH from it.")
     return "\n".join(rows) + "\n\n" + legend + "\n"

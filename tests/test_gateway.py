@@ -526,6 +526,34 @@ def test_a_stream_without_audio_is_ended_as_idle(tiny_server, tmp_path: Path) ->
         process.stop()
 
 
+def test_connections_beyond_the_limit_are_refused_with_a_reason(tmp_path: Path) -> None:
+    """--max-connections: a WebSocket beyond it gets 'too_many_connections' and close code 1013; the open
+    ones keep working, and a closed one's place is free again (no Triton needed)."""
+    from websockets.exceptions import ConnectionClosed
+
+    process = GatewayProcess(f"127.0.0.1:{free_port()}", tmp_path / "gateway.log", "--max-connections", "2")
+    try:
+        with ws_connect(process.ws_url) as first, ws_connect(process.ws_url) as second:
+            for ws in (first, second):  # both handlers run (counted) before the third connects
+                ws.send(json.dumps({"type": "stop"}))
+                assert recv_json(ws)["code"] == "not_started"
+            extra = ws_connect(process.ws_url)
+            msg = recv_json(extra)
+            assert msg["code"] == "too_many_connections" and "2 connections" in msg["message"], msg
+            assert "--max-connections" in msg["message"] and msg["stream_ended"] is False
+            with pytest.raises(ConnectionClosed) as info:
+                extra.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+            first.send(json.dumps({"type": "stop"}))
+            assert recv_json(first)["code"] == "not_started"
+        with ws_connect(process.ws_url) as again:
+            again.send(json.dumps({"type": "stop"}))
+            assert recv_json(again)["code"] == "not_started"
+        _wait_idle(process)
+    finally:
+        process.stop()
+
+
 # ---- the page in a real headless Chromium ---------------------------------------------------------------
 BROWSER_AUDIO_SECONDS = 20.0  # the wav; the test stops after LIVE_SECONDS
 LIVE_SECONDS = 11.0

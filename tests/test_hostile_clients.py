@@ -10,17 +10,21 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
    64 rows ends with every segment of the offline reference;
 5. unbounded segment parameters are refused on START with the bound, before anything is allocated;
+7. a refused START takes no sequence slot, even from a raw client that never sends END: more refused
+   STARTs than slots, then a good stream starts at once;
 9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
 10. the client library accepts exactly the sequence ids every protocol accepts (the largest works on all).
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
 
 from clients.sortformer_client import DiarizationClient, new_sequence_id
+from sortformer_triton import contract, repository
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 from sortformer_triton.timeline import SegmentParams, segments_from_probs
@@ -141,6 +145,30 @@ def test_unbounded_parameters_are_refused_on_start(bad, says, tiny_server, audio
         np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
     finally:
         seq.close()
+
+
+def test_refused_starts_take_no_sequence_slot(tiny_server, audio, solo) -> None:
+    config = tiny_server.model_repository / contract.sortformer_name(LOW) / "config.pbtxt"
+    slots = repository.parse(config.read_text()).sequence_batching.oldest.max_candidate_sequences
+    plan = steps(LOW, audio["low"])
+    for k in range(slots + 4):  # a raw client that never sends END; before: the 17th waited for a slot
+        seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id(), timeout_s=10)
+        try:
+            reply = seq.send(plan[0].audio, plan[0].valid, start=True, parameters={"median_filter_frames": 4})
+            assert reply.status == INVALID and "odd integer in 1..63" in reply.error, f"START {k}: {reply}"
+        finally:
+            seq.close()
+    good = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id(), timeout_s=10)
+    try:
+        t0 = time.monotonic()
+        assert good.step(plan[0]).error == ""
+        assert time.monotonic() - t0 < 5, "the good START waited for a slot"
+        for request in plan[1:]:
+            assert good.step(request).error == ""
+        np.testing.assert_array_equal(good.assembler.confirmed, solo["low"][0])
+        assert good.finalized == solo["low"][1]
+    finally:
+        good.close()
 
 
 def test_refusals_are_invalid_argument(tiny_server, audio) -> None:

@@ -54,7 +54,7 @@ def _repository(tiny_repository: Path, dest: Path, emb_dim: int, idle_seconds: i
                 **options) -> Path:
     """The tiny model's local repository, two presets, configs regenerated with ``options``."""
     root = dest / "local"
-    keep = {contract.POSTPROCESSOR} | {name(p) for p in PRESETS for name in
+    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name(p) for p in PRESETS for name in
                                         (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
     shutil.copytree(tiny_repository / "local", root,
                     ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"

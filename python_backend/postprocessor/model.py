@@ -9,7 +9,8 @@ Model config ``parameters`` (strings): onset, offset, pad_onset, pad_offset, min
 min_duration_off, median_filter_frames, state_ttl_seconds (>= the sequence idle timeout, because a
 Python model is never told that Triton reaped an idle sequence). A request's ``parameters`` may set the
 same segment parameters (not the TTL) on its START request, within the bounds of
-``timeline.SegmentParams``. Later requests' parameters are ignored: the postprocessor is the ensemble's
+``timeline.SegmentParams``; ``admission``, the ensemble's first step, refuses a bad START with the same
+parsing before the stateful models run it (so it takes no sequence slot). Later requests' parameters are ignored: the postprocessor is the ensemble's
 last step, so refusing one of them would come after the stateful steps moved and break the stream.
 Keys the postprocessor does not know are ignored: an ensemble hands every request's parameters to all
 of its steps.
@@ -50,7 +51,7 @@ from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
-from sortformer_triton.timeline import parse_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
 
 PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"  # sortformer_triton.repository.PRESET_TTL_PARAMETER
 
@@ -124,7 +125,7 @@ class TritonPythonModel:
         store = self._store(f"{chunk_len},{tentative.shape[-2]}")  # one postprocessor, every preset
         try:
             if start:
-                params = parse_segment_params(_request_parameters(request), self.params)
+                params = request_segment_params(request.parameters(), self.params)
                 stream = store.start(corrid, lambda: StreamPostprocessor(params, contract.segment_rows(chunk_len)))
             else:
                 stream = store.get(corrid)
@@ -164,10 +165,3 @@ def _input(request: Any, name: str) -> np.ndarray:
         raise ValueError(f"input {name} is missing")
     return tensor.as_numpy()
 
-
-def _request_parameters(request: Any) -> Dict[str, Any]:
-    text = request.parameters()
-    params = json.loads(text) if text else {}
-    if not isinstance(params, dict):
-        raise ValueError(f"request parameters must be a JSON object, got {text!r}")
-    return params
