@@ -70,6 +70,12 @@ N_SEGMENTS = "N_SEGMENTS"
 FINISHED = "FINISHED"
 INPUT_ERROR = "INPUT_ERROR"  # preprocessor -> postprocessor: why a request's audio was refused (0 = valid)
 
+# AUDIO_LENGTH is int64: Triton 2.51's HTTP JSON parser wraps a number into the declared integer type, so
+# with int32 a length of 4294967296 became 0 (the audio silently ended) and 2**32 + 5 became 5; as int64
+# every length a client can write reaches the preprocessor graph's range check (a JSON number beyond int64
+# is a parse error)
+AUDIO_LENGTH_TENSOR = Tensor(AUDIO_LENGTH, "int64", (1,))
+
 # preprocessor -> sortformer
 FEATURES = "FEATURES"
 FEATURE_LENGTH = "FEATURE_LENGTH"
@@ -141,7 +147,7 @@ def preprocessor_io(p: Preset) -> ModelIO:
     return ModelIO(
         inputs=[
             Tensor(AUDIO, "float32", (p.step_samples,)),
-            Tensor(AUDIO_LENGTH, "int32", (1,)),
+            AUDIO_LENGTH_TENSOR,
         ],
         outputs=[
             Tensor(FEATURES, "float32", (p.window_mel_frames, N_MELS)),
@@ -216,8 +222,8 @@ def step_tensor(name: str) -> str:
 def admission_io() -> ModelIO:
     """AUDIO_LENGTH in, the same out: the preprocessor step reads it from here, so it runs only on admitted
     requests (an ensemble stops at a step's error)."""
-    return ModelIO(inputs=[Tensor(AUDIO_LENGTH, "int32", (1,))],
-                   outputs=[Tensor(ADMITTED_AUDIO_LENGTH, "int32", (1,))])
+    return ModelIO(inputs=[AUDIO_LENGTH_TENSOR],
+                   outputs=[dataclasses.replace(AUDIO_LENGTH_TENSOR, name=ADMITTED_AUDIO_LENGTH)])
 
 
 def postprocessor_io() -> ModelIO:

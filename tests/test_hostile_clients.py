@@ -10,6 +10,8 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
    64 rows ends with every segment of the offline reference;
 5. unbounded segment parameters are refused on START with the bound, before anything is allocated;
+6. an HTTP JSON ``AUDIO_LENGTH`` beyond int32 (4294967296 wrapped to 0: the audio silently ended) is refused
+   and the stream goes on;
 7. a refused START takes no sequence slot, even from a raw client that never sends END: more refused
    STARTs than slots, then a good stream starts at once;
 9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
@@ -17,6 +19,8 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 """
 from __future__ import annotations
 
+import http.client
+import json
 import time
 from typing import Dict, List, Tuple
 
@@ -143,6 +147,46 @@ def test_unbounded_parameters_are_refused_on_start(bad, says, tiny_server, audio
         for request in plan:  # the client starts again on the same id: a normal stream
             assert seq.step(request).error == ""
         np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
+    finally:
+        seq.close()
+
+
+# ---- 6. HTTP JSON AUDIO_LENGTH beyond int32 ----------------------------------------------------------------
+def _http_json(server, sequence_id: int, audio: np.ndarray, length: int) -> Tuple[int, Dict]:
+    """One raw HTTP JSON request (the inference key header included), AUDIO_LENGTH as the contract types it."""
+    dtype = contract.ensemble_io(LOW).inputs[1]
+    assert dtype.name == contract.AUDIO_LENGTH
+    body = {"inputs": [
+        {"name": contract.AUDIO, "shape": [1, audio.size], "datatype": "FP32", "data": audio.tolist()},
+        {"name": contract.AUDIO_LENGTH, "shape": [1, 1], "datatype": dtype.client_dtype, "data": [length]}],
+        "parameters": {"sequence_id": sequence_id}}
+    conn = http.client.HTTPConnection(server.http_url, timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{contract.ensemble_name(LOW)}/infer", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **server.http_inference_headers})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("length, status_code, says", [
+    (2 ** 32, 400, "AUDIO_LENGTH is larger"), (2 ** 32 + 5, 400, "AUDIO_LENGTH is larger"),
+    (2 ** 63 - 1, 400, "AUDIO_LENGTH is larger"), (-(2 ** 32), 400, "AUDIO_LENGTH is negative"),
+    (2 ** 64, 500, "Unable to parse 'data'"),  # beyond int64: Triton's HTTP frontend itself (its status code)
+])
+def test_http_json_audio_length_beyond_int32_is_refused(length, status_code, says, tiny_server, audio,
+                                                        solo) -> None:
+    plan = steps(LOW, audio["low"])
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        for k, request in enumerate(plan):
+            if k == 4:  # mid-stream, on the same sequence over HTTP
+                status, out = _http_json(tiny_server, seq.sequence_id, request.audio, length)
+                assert status == status_code and says in out.get("error", ""), (status, out)
+            assert seq.step(request).error == ""
+        np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
+        assert seq.finalized == solo["low"][1]
     finally:
         seq.close()
 

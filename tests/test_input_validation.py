@@ -74,7 +74,7 @@ def _mutate(audio: np.ndarray, how: Optional[Tuple[str, float]]) -> np.ndarray:
 
 
 def _run_pre(pre: StatefulGraph, ids: List[int], starts: List[bool], audio: np.ndarray, lengths: List[int]) -> Dict[str, np.ndarray]:
-    return pre.run(ids, starts, {c.AUDIO: audio, c.AUDIO_LENGTH: np.array([[n] for n in lengths], np.int32)})
+    return pre.run(ids, starts, {c.AUDIO: audio, c.AUDIO_LENGTH: np.array([[n] for n in lengths], c.AUDIO_LENGTH_TENSOR.dtype)})
 
 
 @pytest.mark.parametrize("name, mutation, length, ended, bits", BAD_CASES, ids=[b[0] for b in BAD_CASES])
