@@ -69,6 +69,7 @@ SEGMENTS = "SEGMENTS"
 N_SEGMENTS = "N_SEGMENTS"
 FINISHED = "FINISHED"
 INPUT_ERROR = "INPUT_ERROR"  # preprocessor -> postprocessor: why a request's audio was refused (0 = valid)
+FEATURE_ERROR = "FEATURE_ERROR"  # sortformer -> postprocessor: why a request's features were refused (0 = valid)
 
 # AUDIO_LENGTH is int64: Triton 2.51's HTTP JSON parser wraps a number into the declared integer type, so
 # with int32 a length of 4294967296 became 0 (the audio silently ended) and 2**32 + 5 became 5; as int64
@@ -112,6 +113,15 @@ ERR_LENGTH_OVER_STEP = 2  # AUDIO_LENGTH > the samples one step (AUDIO) holds
 ERR_NOT_FINITE = 4  # AUDIO holds NaN or +-Inf
 ERR_AMPLITUDE = 8  # AUDIO holds |sample| > MAX_ABS_AMPLITUDE (e.g. int16 PCM sent as float without scaling)
 ERR_AFTER_END = 16  # samples after the end of the audio (an earlier request had fewer than a full step)
+# The sortformer graph checks its own inputs the same way (FEATURE_ERROR): the preprocessor never sends these,
+# a client calling sortformer_<preset> directly may; a refused request changes none of the sequence's state.
+MAX_ABS_FEATURE = 100.0  # log-mel frames of admitted audio (|sample| <= 4) stay within about +-21
+MAX_CHUNK_INDEX = 2 ** 40  # FRAME_OFFSET = CHUNK_INDEX x chunk_len stays far inside int64
+ERR_FEATURES_NOT_FINITE = 32  # FEATURES hold NaN or +-Inf
+ERR_FEATURES_RANGE = 64  # FEATURES beyond +-MAX_ABS_FEATURE
+ERR_FEATURE_LENGTH = 128  # FEATURE_LENGTH outside 0..the window's mel frames
+ERR_LEFT_CONTEXT = 256  # LEFT_CONTEXT outside 0..the preset's left context
+ERR_CHUNK_INDEX = 512  # CHUNK_INDEX outside 0..MAX_CHUNK_INDEX
 
 INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
     (ERR_LENGTH_NEGATIVE, "AUDIO_LENGTH is negative"),
@@ -121,6 +131,11 @@ INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
                     "PCM, e.g. int16 / 32768)"),
     (ERR_AFTER_END, "audio after the end of the stream's audio (an earlier request had fewer valid samples than "
                     "a full step, which ends the audio; only 0-sample flush steps may follow)"),
+    (ERR_FEATURES_NOT_FINITE, "FEATURES hold NaN or infinite values"),
+    (ERR_FEATURES_RANGE, "FEATURES hold values beyond +-{feature_limit:g} (log-mel frames stay within about +-21)"),
+    (ERR_FEATURE_LENGTH, "FEATURE_LENGTH is outside 0..the mel frames of the feature window"),
+    (ERR_LEFT_CONTEXT, "LEFT_CONTEXT is outside 0..the preset's left context"),
+    (ERR_CHUNK_INDEX, "CHUNK_INDEX is outside 0..2**40"),
 )
 
 
@@ -133,7 +148,7 @@ def describe_input_error(code: int, step_samples: Optional[int] = None) -> str:
         known |= bit
         if code & bit:
             step = "samples" if step_samples is None else f"{step_samples} samples"
-            parts.append(text.format(step=step, limit=MAX_ABS_AMPLITUDE))
+            parts.append(text.format(step=step, limit=MAX_ABS_AMPLITUDE, feature_limit=MAX_ABS_FEATURE))
     if code & ~known:
         parts.append(f"unknown input error bits {code & ~known:#x}")
     return "; ".join(parts)
@@ -180,6 +195,7 @@ def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
             Tensor(TENTATIVE, "float32", (max(p.right_context, 1), N_SPEAKERS)),
             Tensor(N_TENTATIVE, "int32", (1,)),
             Tensor(FRAME_OFFSET, "int64", (1,)),
+            Tensor(FEATURE_ERROR, "int32", (1,)),
         ],
         states=[
             Tensor("spkcache", "float32", (p.spkcache_len, emb_dim)),
@@ -240,6 +256,7 @@ def postprocessor_io() -> ModelIO:
     return ModelIO(
         inputs=[dataclasses.replace(t, name=step_tensor(t.name)) for t in passed] + [
             Tensor(INPUT_ERROR, "int32", (1,)),
+            Tensor(FEATURE_ERROR, "int32", (1,)),
         ],
         outputs=passed + [
             # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0); segment_rows(C) of them

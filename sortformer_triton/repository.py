@@ -359,7 +359,7 @@ def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
               {**internal, c.AUDIO_LENGTH: c.ADMITTED_AUDIO_LENGTH}),
         _step(c.sortformer_name(preset), c.sortformer_io(preset, 1),
               [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX],
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET], internal),
+              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FEATURE_ERROR], internal),
         _step(c.POSTPROCESSOR, post_io, [t.name for t in post_io.inputs], [t.name for t in post_io.outputs]),
     ]
     return mc.ModelConfig(

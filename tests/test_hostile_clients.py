@@ -14,6 +14,9 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
    and the stream goes on;
 7. a refused START takes no sequence slot, even from a raw client that never sends END: more refused
    STARTs than slots, then a good stream starts at once;
+8. the internal models validate their own inputs: NaN/Inf/huge FEATURES or out-of-range lengths sent to
+   ``sortformer_<preset>`` directly leave that sequence's state unchanged and are flagged (FEATURE_ERROR), which
+   the postprocessor turns into a refusal;
 9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
 10. the client library accepts exactly the sequence ids every protocol accepts (the largest works on all).
 """
@@ -227,6 +230,95 @@ def test_refusals_are_invalid_argument(tiny_server, audio) -> None:
         assert "START" in reply.error and reply.status == INVALID, reply  # Triton's own: no START
     finally:
         seq.close()
+
+
+# ---- 8. internal models called directly --------------------------------------------------------------
+def _direct(client, model: str, inputs: Dict[str, np.ndarray], outputs, sequence_id: int, start: bool = False,
+            end: bool = False) -> Dict[str, np.ndarray]:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, value in inputs.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                          sequence_id=sequence_id, sequence_start=start, sequence_end=end, client_timeout=60)
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def _bad_features(good: Dict[str, np.ndarray]) -> Dict[str, Tuple[Dict[str, np.ndarray], int]]:
+    def with_(name: str, value) -> Dict[str, np.ndarray]:
+        bad = {k: v.copy() for k, v in good.items()}
+        bad[name] = np.asarray(value, good[name].dtype).reshape(good[name].shape) if np.ndim(value) else \
+            np.full_like(good[name], value)
+        return bad
+
+    feats = good[contract.FEATURES]
+    poke = lambda v: np.where(np.arange(feats.size).reshape(feats.shape) == 5, v, feats)  # noqa: E731
+    window = feats.shape[1]
+    return {
+        "nan": (with_(contract.FEATURES, poke(np.nan)), contract.ERR_FEATURES_NOT_FINITE),
+        "inf": (with_(contract.FEATURES, poke(-np.inf)), contract.ERR_FEATURES_NOT_FINITE),
+        "huge": (with_(contract.FEATURES, poke(1e30)), contract.ERR_FEATURES_RANGE),
+        "length over": (with_(contract.FEATURE_LENGTH, window + 1), contract.ERR_FEATURE_LENGTH),
+        "length negative": (with_(contract.FEATURE_LENGTH, -1), contract.ERR_FEATURE_LENGTH),
+        "left 1e9": (with_(contract.LEFT_CONTEXT, 10 ** 9), contract.ERR_LEFT_CONTEXT),
+        "left negative": (with_(contract.LEFT_CONTEXT, -1), contract.ERR_LEFT_CONTEXT),
+        "chunk negative": (with_(contract.CHUNK_INDEX, -1), contract.ERR_CHUNK_INDEX),
+        "chunk huge": (with_(contract.CHUNK_INDEX, 2 ** 62), contract.ERR_CHUNK_INDEX),
+    }
+
+
+def test_the_sortformer_model_called_directly_refuses_bad_inputs_without_moving_state(tiny_server, audio) -> None:
+    import tritonclient.grpc as grpcclient
+
+    sf_io = contract.sortformer_io(LOW, 1)
+    feature_names = [t.name for t in sf_io.inputs]
+    outputs = [t.name for t in sf_io.outputs]
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    pre_id, victim, twin = new_sequence_id(), new_sequence_id(), new_sequence_id()
+    plan = steps(LOW, audio["low"])
+    try:
+        for k, request in enumerate(plan):
+            pre = _direct(client, contract.preprocessor_name(LOW), {
+                contract.AUDIO: request.audio.reshape(1, -1),
+                contract.AUDIO_LENGTH: np.array([[request.valid]], contract.AUDIO_LENGTH_TENSOR.dtype)},
+                feature_names, pre_id, request.start, request.end)
+            if k == 4:  # confirmed frames exist: state a bad request could spoil
+                for name, (bad, bit) in _bad_features(pre).items():
+                    out = _direct(client, contract.sortformer_name(LOW), bad, outputs, victim)
+                    assert int(out[contract.FEATURE_ERROR][0, 0]) == bit, name
+                    assert int(out[contract.N_CONFIRMED][0, 0]) == 0 and np.isfinite(out[contract.CONFIRMED]).all(), name
+            got = _direct(client, contract.sortformer_name(LOW), pre, outputs, victim, request.start, request.end)
+            want = _direct(client, contract.sortformer_name(LOW), pre, outputs, twin, request.start, request.end)
+            for name in outputs:  # the state went on exactly as if the bad requests never came
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"request {k} {name}")
+            assert int(got[contract.FEATURE_ERROR][0, 0]) == 0
+    finally:
+        client.close()
+
+
+def test_the_postprocessor_refuses_a_flagged_step(tiny_server) -> None:
+    """FEATURE_ERROR from the sortformer graph becomes a clear INVALID_ARGUMENT refusal."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    feeds = {}
+    for t in contract.postprocessor_io().inputs:
+        dims = [LOW.chunk_len if d == -1 and "CONFIRMED" in t.name else LOW.right_context if d == -1 else d
+                for d in t.dims]
+        feeds[t.name] = np.zeros([1, *dims], t.dtype)
+    feeds[contract.FEATURE_ERROR][0, 0] = contract.ERR_FEATURES_NOT_FINITE | contract.ERR_LEFT_CONTEXT
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            _direct(client, contract.POSTPROCESSOR, feeds, [contract.SEGMENTS], new_sequence_id(), start=True)
+        text = str(info.value.message())
+        assert str(info.value.status()) == INVALID and "FEATURES hold NaN" in text and "LEFT_CONTEXT" in text, text
+    finally:
+        client.close()
 
 
 # ---- 10. the largest sequence id the client accepts works on every protocol ------------------------------

@@ -150,9 +150,11 @@ class TritonPythonModel:
 
 
 def _refuse_bad_audio(request: Any, end: bool, chunk_len: int) -> None:
-    """The preprocessor graph checked the request's audio (INPUT_ERROR): a refused request changed no
-    state anywhere, so the stream may go on; it gets an error that names the problems."""
+    """The preprocessor graph checked the request's audio (INPUT_ERROR), the sortformer graph its features
+    (FEATURE_ERROR): a refused request changed no state anywhere, so the stream may go on; it gets an error
+    that names the problems."""
     code = int(_input(request, contract.INPUT_ERROR).reshape(-1)[0])
+    code |= int(_input(request, contract.FEATURE_ERROR).reshape(-1)[0])
     if code:
         step = chunk_len * FRAME_SAMPLES
         after = "its END ended the stream" if end else "the stream is unchanged and may go on"
