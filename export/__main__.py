@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON_MODELS = {
     "stateful_onnx": ROOT / "python_backend" / "stateful_onnx" / "model.py",
     "postprocessor": ROOT / "python_backend" / "postprocessor" / "model.py",
+    "admission": ROOT / "python_backend" / "admission" / "model.py",
 }
 INFO_FILE = "export_info.json"
 
@@ -163,6 +164,7 @@ def _write_flavours(model, source: str, out: Path, presets: Sequence[Preset], fl
                 for name in (contract.preprocessor_name(p), contract.sortformer_name(p)):
                     shutil.copy2(PYTHON_MODELS["stateful_onnx"], root / name / "1" / "model.py")
         shutil.copy2(PYTHON_MODELS["postprocessor"], root / contract.POSTPROCESSOR / "1" / "model.py")
+        shutil.copy2(PYTHON_MODELS["admission"], root / contract.ADMISSION / "1" / "model.py")
     info = {
         "source": source,
         "random_init": source in ("full", "tiny"),

@@ -40,8 +40,15 @@ from sortformer_triton.contract import (
     ERR_AMPLITUDE,
     ERR_LENGTH_NEGATIVE,
     ERR_LENGTH_OVER_STEP,
+    ERR_CHUNK_INDEX,
+    ERR_FEATURE_LENGTH,
+    ERR_FEATURES_NOT_FINITE,
+    ERR_FEATURES_RANGE,
+    ERR_LEFT_CONTEXT,
     ERR_NOT_FINITE,
     MAX_ABS_AMPLITUDE,
+    MAX_ABS_FEATURE,
+    MAX_CHUNK_INDEX,
 )
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, N_SPEAKERS, SUBSAMPLING, WIN_SAMPLES, Preset
 
@@ -342,9 +349,15 @@ class StreamingStep(nn.Module):
         )
         b = features.shape[0]
         S, F, C, E, P = self.S, self.F, self.C, self.E, self.P
+        # a refused request (FEATURE_ERROR != 0; only a direct caller can send one) is an idle row: no
+        # features, so every state passes through unchanged and the outputs are zeros
+        error = self.input_error(features, feature_length, left_context, chunk_index)
+        bad = error != 0
         feat_len = feature_length.reshape(b).clamp(0, features.shape[1])
+        feat_len = torch.where(bad, torch.zeros_like(feat_len), feat_len)
         active = feat_len > 0
-        lc = left_context.reshape(b)
+        lc = torch.where(bad, torch.zeros_like(feat_len), left_context.reshape(b))
+        chunk_index = torch.where(bad.reshape(-1, 1), torch.zeros_like(chunk_index), chunk_index)
         sl = spkcache_lengths.reshape(b)
         fl = fifo_lengths.reshape(b)
         n_sil = n_sil_frames.reshape(b)
@@ -413,6 +426,7 @@ class StreamingStep(nn.Module):
             tentative,
             rc.to(torch.int32).unsqueeze(1),
             (chunk_index.reshape(b) * C).unsqueeze(1),
+            error.to(torch.int32).unsqueeze(1),
             torch.where(a3, new_sc, spkcache),
             torch.where(a3, new_sp, spkcache_preds),
             torch.where(active, new_sl, sl).unsqueeze(1),
@@ -420,4 +434,25 @@ class StreamingStep(nn.Module):
             torch.where(active, new_fl, fl).unsqueeze(1),
             torch.where(a2, new_mean, mean_sil_emb),
             torch.where(active, new_n_sil, n_sil).unsqueeze(1),
+        )
+
+    def input_error(self, features: Tensor, feature_length: Tensor, left_context: Tensor,
+                    chunk_index: Tensor) -> Tensor:
+        """[B] int64 bit mask of what is wrong with each row's inputs (contract.ERR_*; 0 = valid): the
+        preprocessor never sends these, a client calling this model directly may (NaN features would
+        otherwise flow into the sequence's speaker cache and FIFO)."""
+        b = features.shape[0]
+        length, left, index = feature_length.reshape(b), left_context.reshape(b), chunk_index.reshape(b)
+        zero = torch.zeros_like(length)
+
+        def flag(condition: Tensor, bit: int) -> Tensor:
+            return torch.where(condition, torch.full_like(zero, bit), zero)
+
+        finite = ~(torch.isnan(features) | torch.isinf(features))
+        return (
+            flag(~finite.reshape(b, -1).all(dim=1), ERR_FEATURES_NOT_FINITE)
+            + flag((finite & (features.abs() > MAX_ABS_FEATURE)).reshape(b, -1).any(dim=1), ERR_FEATURES_RANGE)
+            + flag((length < 0) | (length > features.shape[1]), ERR_FEATURE_LENGTH)
+            + flag((left < 0) | (left > self.p.left_context), ERR_LEFT_CONTEXT)
+            + flag((index < 0) | (index > MAX_CHUNK_INDEX), ERR_CHUNK_INDEX)
         )

@@ -101,7 +101,7 @@ def inprocess_loop(preset: Preset, repo: Path, emb_dim: int, concurrency: int, m
         t0 = time.perf_counter()
         pre_out = pre.run(ids, [r.start for r in reqs], {
             contract.AUDIO: np.stack([r.audio for r in reqs]),
-            contract.AUDIO_LENGTH: np.array([[r.valid] for r in reqs], dtype=np.int32),
+            contract.AUDIO_LENGTH: np.array([[r.valid] for r in reqs], dtype=contract.AUDIO_LENGTH_TENSOR.dtype),
         })
         step.run(ids, [r.start for r in reqs], {n: pre_out[n] for n in (
             contract.FEATURES, contract.FEATURE_LENGTH, contract.LEFT_CONTEXT, contract.CHUNK_INDEX)})

@@ -69,6 +69,13 @@ SEGMENTS = "SEGMENTS"
 N_SEGMENTS = "N_SEGMENTS"
 FINISHED = "FINISHED"
 INPUT_ERROR = "INPUT_ERROR"  # preprocessor -> postprocessor: why a request's audio was refused (0 = valid)
+FEATURE_ERROR = "FEATURE_ERROR"  # sortformer -> postprocessor: why a request's features were refused (0 = valid)
+
+# AUDIO_LENGTH is int64: Triton 2.51's HTTP JSON parser wraps a number into the declared integer type, so
+# with int32 a length of 4294967296 became 0 (the audio silently ended) and 2**32 + 5 became 5; as int64
+# every length a client can write reaches the preprocessor graph's range check (a JSON number beyond int64
+# is a parse error)
+AUDIO_LENGTH_TENSOR = Tensor(AUDIO_LENGTH, "int64", (1,))
 
 # preprocessor -> sortformer
 FEATURES = "FEATURES"
@@ -90,6 +97,10 @@ def sortformer_name(preset: Preset) -> str:
 
 
 POSTPROCESSOR = "postprocessor"
+# The ensemble's first step: refuses a START whose segment parameters the postprocessor would refuse, before
+# the stateful models see it (a START they ran holds a sequence slot until END or the idle timeout)
+ADMISSION = "admission"
+ADMITTED_AUDIO_LENGTH = "ADMITTED_AUDIO_LENGTH"  # AUDIO_LENGTH once admitted: the preprocessor waits for it
 
 # ---- input validation ------------------------------------------------------------------------------
 # The preprocessor graph checks every request's audio and reports what is wrong as a bit mask in
@@ -102,6 +113,15 @@ ERR_LENGTH_OVER_STEP = 2  # AUDIO_LENGTH > the samples one step (AUDIO) holds
 ERR_NOT_FINITE = 4  # AUDIO holds NaN or +-Inf
 ERR_AMPLITUDE = 8  # AUDIO holds |sample| > MAX_ABS_AMPLITUDE (e.g. int16 PCM sent as float without scaling)
 ERR_AFTER_END = 16  # samples after the end of the audio (an earlier request had fewer than a full step)
+# The sortformer graph checks its own inputs the same way (FEATURE_ERROR): the preprocessor never sends these,
+# a client calling sortformer_<preset> directly may; a refused request changes none of the sequence's state.
+MAX_ABS_FEATURE = 100.0  # log-mel frames of admitted audio (|sample| <= 4) stay within about +-21
+MAX_CHUNK_INDEX = 2 ** 40  # FRAME_OFFSET = CHUNK_INDEX x chunk_len stays far inside int64
+ERR_FEATURES_NOT_FINITE = 32  # FEATURES hold NaN or +-Inf
+ERR_FEATURES_RANGE = 64  # FEATURES beyond +-MAX_ABS_FEATURE
+ERR_FEATURE_LENGTH = 128  # FEATURE_LENGTH outside 0..the window's mel frames
+ERR_LEFT_CONTEXT = 256  # LEFT_CONTEXT outside 0..the preset's left context
+ERR_CHUNK_INDEX = 512  # CHUNK_INDEX outside 0..MAX_CHUNK_INDEX
 
 INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
     (ERR_LENGTH_NEGATIVE, "AUDIO_LENGTH is negative"),
@@ -111,6 +131,11 @@ INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
                     "PCM, e.g. int16 / 32768)"),
     (ERR_AFTER_END, "audio after the end of the stream's audio (an earlier request had fewer valid samples than "
                     "a full step, which ends the audio; only 0-sample flush steps may follow)"),
+    (ERR_FEATURES_NOT_FINITE, "FEATURES hold NaN or infinite values"),
+    (ERR_FEATURES_RANGE, "FEATURES hold values beyond +-{feature_limit:g} (log-mel frames stay within about +-21)"),
+    (ERR_FEATURE_LENGTH, "FEATURE_LENGTH is outside 0..the mel frames of the feature window"),
+    (ERR_LEFT_CONTEXT, "LEFT_CONTEXT is outside 0..the preset's left context"),
+    (ERR_CHUNK_INDEX, "CHUNK_INDEX is outside 0..2**40"),
 )
 
 
@@ -123,7 +148,7 @@ def describe_input_error(code: int, step_samples: Optional[int] = None) -> str:
         known |= bit
         if code & bit:
             step = "samples" if step_samples is None else f"{step_samples} samples"
-            parts.append(text.format(step=step, limit=MAX_ABS_AMPLITUDE))
+            parts.append(text.format(step=step, limit=MAX_ABS_AMPLITUDE, feature_limit=MAX_ABS_FEATURE))
     if code & ~known:
         parts.append(f"unknown input error bits {code & ~known:#x}")
     return "; ".join(parts)
@@ -137,7 +162,7 @@ def preprocessor_io(p: Preset) -> ModelIO:
     return ModelIO(
         inputs=[
             Tensor(AUDIO, "float32", (p.step_samples,)),
-            Tensor(AUDIO_LENGTH, "int32", (1,)),
+            AUDIO_LENGTH_TENSOR,
         ],
         outputs=[
             Tensor(FEATURES, "float32", (p.window_mel_frames, N_MELS)),
@@ -170,6 +195,7 @@ def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
             Tensor(TENTATIVE, "float32", (max(p.right_context, 1), N_SPEAKERS)),
             Tensor(N_TENTATIVE, "int32", (1,)),
             Tensor(FRAME_OFFSET, "int64", (1,)),
+            Tensor(FEATURE_ERROR, "int32", (1,)),
         ],
         states=[
             Tensor("spkcache", "float32", (p.spkcache_len, emb_dim)),
@@ -195,19 +221,44 @@ def segment_rows(chunk_len: int) -> int:
     return N_SPEAKERS * ((settled + 1) // 2 + 3)
 
 
+# The postprocessor, the ensemble's last step, produces every ensemble output: the stateful steps' outputs
+# reach it under STEP_PREFIX + name and it passes them through. Triton 2.51's ensemble prunes the steps whose
+# outputs a request does not ask for -- also a step whose outputs a later step still needs -- so with outputs
+# spread over several steps a request for some of them ran the stateful steps and skipped the postprocessor
+# (or deadlocked); with every output made by one last step, a subset is only a filter.
+STEP_PREFIX = "STEP_"
+PASSED_THROUGH: Tuple[str, ...] = (CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED)
+
+
+def step_tensor(name: str) -> str:
+    """The ensemble-internal name of a stateful step's output that the postprocessor passes through."""
+    return STEP_PREFIX + name
+
+
+def admission_io() -> ModelIO:
+    """AUDIO_LENGTH in, the same out: the preprocessor step reads it from here, so it runs only on admitted
+    requests (an ensemble stops at a step's error)."""
+    return ModelIO(inputs=[AUDIO_LENGTH_TENSOR],
+                   outputs=[dataclasses.replace(AUDIO_LENGTH_TENSOR, name=ADMITTED_AUDIO_LENGTH)])
+
+
 def postprocessor_io() -> ModelIO:
     """The postprocessor serves every preset: chunk-sized tensors have a variable first dim."""
+    passed = [
+        Tensor(CONFIRMED, "float32", (-1, N_SPEAKERS)),
+        Tensor(N_CONFIRMED, "int32", (1,)),
+        Tensor(TENTATIVE, "float32", (-1, N_SPEAKERS)),
+        Tensor(N_TENTATIVE, "int32", (1,)),
+        Tensor(FRAME_OFFSET, "int64", (1,)),
+        Tensor(FINISHED, "int32", (1,)),
+    ]
+    assert tuple(t.name for t in passed) == PASSED_THROUGH
     return ModelIO(
-        inputs=[
-            Tensor(CONFIRMED, "float32", (-1, N_SPEAKERS)),
-            Tensor(N_CONFIRMED, "int32", (1,)),
-            Tensor(TENTATIVE, "float32", (-1, N_SPEAKERS)),
-            Tensor(N_TENTATIVE, "int32", (1,)),
-            Tensor(FRAME_OFFSET, "int64", (1,)),
-            Tensor(FINISHED, "int32", (1,)),
+        inputs=[dataclasses.replace(t, name=step_tensor(t.name)) for t in passed] + [
             Tensor(INPUT_ERROR, "int32", (1,)),
+            Tensor(FEATURE_ERROR, "int32", (1,)),
         ],
-        outputs=[
+        outputs=passed + [
             # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0); segment_rows(C) of them
             Tensor(SEGMENTS, "float32", (-1, 4)),
             Tensor(N_SEGMENTS, "int32", (1,)),
@@ -216,11 +267,11 @@ def postprocessor_io() -> ModelIO:
 
 
 def ensemble_io(p: Preset) -> ModelIO:
+    """What clients send and receive; every output comes from the postprocessor, with the preset's fixed dims."""
     pre, sf, post = preprocessor_io(p), sortformer_io(p, 1), postprocessor_io()
-    by = {t.name: t for t in sf.outputs + post.outputs + pre.outputs}
+    by = {t.name: t for t in post.outputs + sf.outputs + pre.outputs}  # the steps' fixed dims win
     by[SEGMENTS] = Tensor(SEGMENTS, "float32", (segment_rows(p.chunk_len), 4))
-    names = [CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED, SEGMENTS, N_SEGMENTS]
-    return ModelIO(inputs=list(pre.inputs), outputs=[by[n] for n in names])
+    return ModelIO(inputs=list(pre.inputs), outputs=[by[t.name] for t in post.outputs])
 
 
 def tensor_table_markdown() -> str:
@@ -239,8 +290,9 @@ def tensor_table_markdown() -> str:
         return "[" + ", ".join(symbols.get(d, str(d)) for d in t.dims) + "]"
 
     rows = ["| model | tensor | kind | dtype | dims (batch dim implied) |", "|---|---|---|---|---|"]
-    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), ("preprocessor_&lt;preset&gt;", preprocessor_io(p)),
-              ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)), ("postprocessor", postprocessor_io())]
+    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), (ADMISSION, admission_io()),
+              ("preprocessor_&lt;preset&gt;", preprocessor_io(p)), ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)),
+              (POSTPROCESSOR, postprocessor_io())]
     for model, io in models:
         for kind, tensors in (("input", io.inputs), ("output", io.outputs), ("state", io.states)):
             for t in tensors:
@@ -250,5 +302,9 @@ def tensor_table_markdown() -> str:
               "F = fifo_len (R and F at least 1), D = encoder width (512 full-size), n = any (the postprocessor "
               "serves every preset), G = 4 x (floor((C + 32) / 2) + 3) segment rows (every segment one response "
               "can finalize). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
-              "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1].")
+              "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1]. The "
+              "postprocessor gets the stateful steps' outputs as `STEP_<name>` and passes them on: every "
+              "ensemble output comes from that last step, so a request may ask for any subset of them. `admission` "
+              "(the first step, shared by every preset) refuses a START with bad segment parameters before the "
+              "stateful models see it; the preprocessor reads AUDIO_LENGTH from it.")
     return "\n".join(rows) + "\n\n" + legend + "\n"

@@ -75,7 +75,7 @@ def stream_through(pre: StatefulGraph, step: StatefulGraph, preset: Preset, audi
         starts = [r.start for r in reqs]
         pre_out = pre.run(ids, starts, {
             contract.AUDIO: np.stack([r.audio for r in reqs]),
-            contract.AUDIO_LENGTH: np.array([[r.valid] for r in reqs], dtype=np.int32),
+            contract.AUDIO_LENGTH: np.array([[r.valid] for r in reqs], dtype=contract.AUDIO_LENGTH_TENSOR.dtype),
         })
         step_in = {n: pre_out[n] for n in (contract.FEATURES, contract.FEATURE_LENGTH, contract.LEFT_CONTEXT, contract.CHUNK_INDEX)}
         out = step.run(ids, starts, step_in)

@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 20.0  # the server itself waits --exit-timeout-secs=10 for open sequences
+REAP_TIMEOUT_S = 10.0  # after the server exited: how long its process group's leftovers may take to die
 LOG_TAIL_CHARS = 4000
 
 
@@ -137,6 +138,32 @@ def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def process_group_members(pgid: int) -> List[int]:
+    """Live (not zombie) processes of process group ``pgid`` (from /proc; [] where there is no /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def reap_process_group(pgid: int, timeout_s: float = REAP_TIMEOUT_S) -> List[int]:
+    """SIGKILL whatever is left of process group ``pgid`` (a server's Python stubs outlive a crashed or
+    killed tritonserver) and wait until none of it runs; returns the pids still alive at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = process_group_members(pgid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
@@ -355,7 +382,9 @@ class LocalTritonServer:
         )
 
     def stop(self) -> Optional[int]:
-        """Stop the server: SIGINT (graceful, unloads models), SIGKILL after ``stop_timeout_s``."""
+        """Stop the server: SIGINT (graceful, unloads models), SIGKILL after ``stop_timeout_s``; then
+        every process left in its process group (its Python stubs, also after the server was killed or
+        crashed) is killed and waited for, so nothing of it outlives ``stop``."""
         code = self._terminate()
         if self._own_log_dir is not None and code == 0:
             # keep a failing server's log for post-mortem; drop a clean one
@@ -375,6 +404,10 @@ class LocalTritonServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # start_new_session: the server leads its own process group, which its Python stubs share
+        left = reap_process_group(process.pid)
+        if left:
+            raise TritonServerError(f"processes {left} of tritonserver's group {process.pid} survived SIGKILL")
         return process.returncode
 
     def wait(self) -> int:

@@ -292,6 +292,26 @@ def postprocessor_model(idle_of: Mapping[Preset, int], opts: Options,
     return config
 
 
+def admission_model(opts: Options, overrides: Optional[Mapping[str, Union[float, int]]]) -> mc.ModelConfig:
+    """The ensembles' first step (Python, every preset, same in both flavours): a START whose segment
+    parameters the postprocessor would refuse is refused here, before the stateful models run it, so it takes
+    no sequence slot (a START they ran holds one until END or the idle timeout, and a raw client may never
+    send END). It carries the postprocessor's segment defaults (a START's parameters change those) and passes
+    AUDIO_LENGTH on; no queue delay (it only parses parameters)."""
+    io = contract.admission_io()
+    config = mc.ModelConfig(
+        name=contract.ADMISSION,
+        backend="python",
+        max_batch_size=opts.max_batch_size,
+        input=[_input(t) for t in io.inputs],
+        output=[_output(t) for t in io.outputs],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=0),
+        instance_group=[_instance_group("KIND_CPU", 1)],
+    )
+    _set_params(config, {k: _format_param(k, v) for k, v in postprocessor_parameters(overrides).items()})
+    return config
+
+
 PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"
 
 
@@ -300,33 +320,47 @@ def preset_key(preset: Preset) -> str:
     return f"{preset.chunk_len},{max(preset.right_context, 1)}"
 
 
-def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str]) -> mc.ModelEnsembling.Step:
-    """An ensemble step whose tensors keep the composing model's names inside the ensemble."""
+def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str],
+          renamed: Optional[Mapping[str, str]] = None) -> mc.ModelEnsembling.Step:
+    """An ensemble step whose tensors keep the composing model's names inside the ensemble, except those
+    ``renamed`` (model tensor name -> ensemble tensor name)."""
     known_in = {t.name for t in io.inputs}
     known_out = {t.name for t in io.outputs}
     missing = [n for n in inputs if n not in known_in] + [n for n in outputs if n not in known_out]
     if missing:
         raise ValueError(f"ensemble step {model}: tensors {missing} are not in its contract")
+    renamed = renamed or {}
     return mc.ModelEnsembling.Step(
         model_name=model, model_version=-1,
-        input_map={n: n for n in inputs}, output_map={n: n for n in outputs})
+        input_map={n: renamed.get(n, n) for n in inputs}, output_map={n: renamed.get(n, n) for n in outputs})
 
 
 def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
-    """``diarizer_<preset>``: preprocessor -> sortformer -> postprocessor (no sequence_batching: Triton
-    forbids it on ensembles and forwards the sequence id and flags to the composing models)."""
+    """``diarizer_<preset>``: admission -> preprocessor -> sortformer -> postprocessor (no sequence_batching:
+    Triton forbids it on ensembles and forwards the sequence id and flags to the composing models).
+
+    The preprocessor reads AUDIO_LENGTH from ``admission`` (``ADMITTED_AUDIO_LENGTH``), so a START refused
+    there never reaches the stateful models: an ensemble stops at a step's error.
+
+    Every ensemble output comes from the last step (the postprocessor passes the stateful steps' outputs
+    through, ``contract.PASSED_THROUGH``): Triton 2.51 prunes the steps none of whose outputs a request
+    asks for, even when a later step needs them, so outputs made by several steps let a request for some
+    of them move the stateful models' state without the postprocessor (or deadlock).
+    """
     io = contract.ensemble_io(preset)
     c = contract
+    internal = {name: c.step_tensor(name) for name in c.PASSED_THROUGH}
+    post_io = c.postprocessor_io()
     steps = [
+        _step(c.ADMISSION, c.admission_io(), [c.AUDIO_LENGTH], [c.ADMITTED_AUDIO_LENGTH]),
         _step(c.preprocessor_name(preset), c.preprocessor_io(preset),
               [c.AUDIO, c.AUDIO_LENGTH],
-              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR]),
+              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR],
+              {**internal, c.AUDIO_LENGTH: c.ADMITTED_AUDIO_LENGTH}),
         _step(c.sortformer_name(preset), c.sortformer_io(preset, 1),
               [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX],
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET]),
-        _step(c.POSTPROCESSOR, c.postprocessor_io(),
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FINISHED, c.INPUT_ERROR],
-              [c.SEGMENTS, c.N_SEGMENTS]),
+              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FEATURE_ERROR], internal),
+        _step(c.POSTPROCESSOR, post_io, [t.name for t in post_io.inputs], [t.name for t in post_io.outputs]),
     ]
     return mc.ModelConfig(
         name=c.ensemble_name(preset),
@@ -397,6 +431,7 @@ def model_configs(
         configs[contract.ensemble_name(p)] = ensemble_model(p, opts)
     configs[contract.POSTPROCESSOR] = postprocessor_model(
         {p: idle_of[p.name] for p in chosen}, opts, postprocessor_params)
+    configs[contract.ADMISSION] = admission_model(opts, postprocessor_params)
     for config in configs.values():
         if flavour == "production":
             check_state_pairing(config)

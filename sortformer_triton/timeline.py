@@ -46,6 +46,7 @@ not-yet-final segments, so a step costs O(step + unfinalized tail), not O(stream
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -127,6 +128,15 @@ def parse_segment_params(values: Mapping[str, object], base: Optional[SegmentPar
         raw = values[name]
         changes[name] = _parse_int(name, raw) if name == "median_filter_frames" else _parse_float(name, raw)
     return dataclasses.replace(base or SegmentParams(), **changes)
+
+
+def request_segment_params(text: str, base: Optional[SegmentParams] = None) -> SegmentParams:
+    """The segment parameters of a START request whose Triton ``parameters`` are the JSON ``text`` (what a
+    Python model's ``request.parameters()`` returns), over ``base``; ValueError says what is wrong."""
+    values = json.loads(text) if text else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"request parameters must be a JSON object, got {text!r}")
+    return parse_segment_params(values, base)
 
 
 @dataclasses.dataclass(frozen=True)

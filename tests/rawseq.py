@@ -53,8 +53,8 @@ class RawSequence:
         audio = np.asarray(audio).reshape(1, -1)
         inp = self._grpc.InferInput(contract.AUDIO, list(audio.shape), audio_dtype)
         inp.set_data_from_numpy(audio)
-        n = self._grpc.InferInput(contract.AUDIO_LENGTH, [1, 1], "INT32")
-        n.set_data_from_numpy(np.array([[length]], np.int32))
+        n = self._grpc.InferInput(contract.AUDIO_LENGTH, [1, 1], contract.AUDIO_LENGTH_TENSOR.client_dtype)
+        n.set_data_from_numpy(np.array([[length]], contract.AUDIO_LENGTH_TENSOR.dtype))
         try:
             result = self.client.infer(
                 self.model, [inp, n], outputs=[self._grpc.InferRequestedOutput(o) for o in outputs],

@@ -224,7 +224,7 @@ def production(tiny_repository: Path) -> Path:
 
 def test_production_repository_layout(production: Path) -> None:
     names = {p.name for p in production.iterdir() if p.is_dir()}
-    expected = {contract.POSTPROCESSOR}
+    expected = {contract.POSTPROCESSOR, contract.ADMISSION}
     for p in PRESETS.values():
         expected |= {contract.ensemble_name(p), contract.preprocessor_name(p), contract.sortformer_name(p)}
     assert names == expected
@@ -236,7 +236,7 @@ def test_production_repository_layout(production: Path) -> None:
             for step in config.ensemble_scheduling.step:
                 assert step.model_name in names
         elif config.backend == "python":
-            assert name == contract.POSTPROCESSOR
+            assert name in (contract.POSTPROCESSOR, contract.ADMISSION)
             assert (production / name / "1" / "model.py").is_file()
         else:
             assert config.backend == "onnxruntime", name

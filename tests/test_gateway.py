@@ -6,6 +6,7 @@ microphone is a wav file (Debian's ``chromium`` + ``chromium-driver``, driven by
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -459,34 +460,50 @@ def test_triton_down_is_reported_and_the_gateway_stays_up(tmp_path: Path) -> Non
         process.stop()
 
 
-def test_stream_limits_busy_and_overloaded(tiny_server, tmp_path: Path) -> None:
-    """--max-streams: a start beyond it gets 'busy'; --max-pending-seconds: audio piling up faster than
-    Triton answers ends the stream as 'overloaded' and frees its place."""
-    process = GatewayProcess(tiny_server.grpc_url, tmp_path / "gateway.log", "--max-streams", "1",
-                             "--max-pending-seconds", "0.5")
+START_16K = json.dumps({"type": "start", "sample_rate": 16000})
+
+
+def start_stream(ws: Any) -> Dict[str, Any]:
+    """Send a 16 kHz 'start'; its 'started' answer."""
+    ws.send(START_16K)
+    msg = recv_json(ws)
+    assert msg["type"] == "started", msg
+    return msg
+
+
+@contextlib.contextmanager
+def one_stream_gateway(triton_url: str, tmp_path: Path, *extra: str) -> Iterator[Tuple[Any, Any]]:
+    """A gateway with ``--max-streams 1`` (and ``extra`` flags) and two connections, the first one's stream
+    started; afterwards the gateway must hold nothing, and it is stopped."""
+    process = GatewayProcess(triton_url, tmp_path / "gateway.log", "--max-streams", "1", *extra)
     try:
         with ws_connect(process.ws_url) as first, ws_connect(process.ws_url) as second:
-            first.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert recv_json(first)["type"] == "started"
-            second.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            busy = recv_json(second)
-            assert busy["code"] == "busy" and busy["stream_ended"] is False and "1 streams" in busy["message"]
-            first.send(np.zeros(16000, "<f4").tobytes())  # 1 s arrives at once: more than 0.5 s waiting
-            msg = recv_json(first)
-            assert msg["type"] == "error" and msg["code"] == "overloaded" and msg["stream_ended"] is True, msg
-            first.send(np.zeros(160, "<f4").tobytes())  # audio after the end says why the stream ended
-            msg = recv_json(first)
-            assert msg["code"] == "not_started" and "after the stream ended (overloaded)" in msg["message"], msg
-            second.send(json.dumps({"type": "start", "sample_rate": 16000}))  # the place is free again
-            assert recv_json(second)["type"] == "started"
-            second.send(json.dumps({"type": "stop"}))  # a stream without audio ends cleanly too
-            msg = recv_json(second)
-            while msg["type"] == "update":
-                msg = recv_json(second)
-            assert msg["type"] == "result" and msg["finished"] and msg["n_frames"] == 0
+            start_stream(first)
+            yield first, second
         _wait_idle(process)
     finally:
         process.stop()
+
+
+def test_stream_limits_busy_and_overloaded(tiny_server, tmp_path: Path) -> None:
+    """--max-streams: a start beyond it gets 'busy'; --max-pending-seconds: audio piling up faster than
+    Triton answers ends the stream as 'overloaded' and frees its place."""
+    with one_stream_gateway(tiny_server.grpc_url, tmp_path, "--max-pending-seconds", "0.5") as (first, second):
+        second.send(START_16K)
+        busy = recv_json(second)
+        assert busy["code"] == "busy" and busy["stream_ended"] is False and "1 streams" in busy["message"]
+        first.send(np.zeros(16000, "<f4").tobytes())  # 1 s arrives at once: more than 0.5 s waiting
+        msg = recv_json(first)
+        assert msg["type"] == "error" and msg["code"] == "overloaded" and msg["stream_ended"] is True, msg
+        first.send(np.zeros(160, "<f4").tobytes())  # audio after the end says why the stream ended
+        msg = recv_json(first)
+        assert msg["code"] == "not_started" and "after the stream ended (overloaded)" in msg["message"], msg
+        start_stream(second)  # the place is free again
+        second.send(json.dumps({"type": "stop"}))  # a stream without audio ends cleanly too
+        msg = recv_json(second)
+        while msg["type"] == "update":
+            msg = recv_json(second)
+        assert msg["type"] == "result" and msg["finished"] and msg["n_frames"] == 0
 
 
 def test_websockets_from_foreign_web_pages_are_refused(gateway: GatewayProcess) -> None:
@@ -511,16 +528,35 @@ def test_websockets_from_foreign_web_pages_are_refused(gateway: GatewayProcess) 
 
 def test_a_stream_without_audio_is_ended_as_idle(tiny_server, tmp_path: Path) -> None:
     """--idle-seconds: 'start' and no audio would hold a gateway place and a Triton slot forever."""
-    process = GatewayProcess(tiny_server.grpc_url, tmp_path / "gateway.log", "--max-streams", "1",
-                             "--idle-seconds", "1.5")
+    with one_stream_gateway(tiny_server.grpc_url, tmp_path, "--idle-seconds", "1.5") as (first, second):
+        msg = recv_json(first, timeout=20)
+        assert msg["code"] == "idle" and msg["stream_ended"] is True, msg
+        start_stream(second)  # its place is free
+
+
+def test_connections_beyond_the_limit_are_refused_with_a_reason(tmp_path: Path) -> None:
+    """--max-connections: a WebSocket beyond it gets 'too_many_connections' and close code 1013; the open
+    ones keep working, and a closed one's place is free again (no Triton needed)."""
+    from websockets.exceptions import ConnectionClosed
+
+    process = GatewayProcess(f"127.0.0.1:{free_port()}", tmp_path / "gateway.log", "--max-connections", "2")
     try:
         with ws_connect(process.ws_url) as first, ws_connect(process.ws_url) as second:
-            first.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert recv_json(first)["type"] == "started"
-            msg = recv_json(first, timeout=20)
-            assert msg["code"] == "idle" and msg["stream_ended"] is True, msg
-            second.send(json.dumps({"type": "start", "sample_rate": 16000}))  # its place is free
-            assert recv_json(second)["type"] == "started"
+            for ws in (first, second):  # both handlers run (counted) before the third connects
+                ws.send(json.dumps({"type": "stop"}))
+                assert recv_json(ws)["code"] == "not_started"
+            extra = ws_connect(process.ws_url)
+            msg = recv_json(extra)
+            assert msg["code"] == "too_many_connections" and "2 connections" in msg["message"], msg
+            assert "--max-connections" in msg["message"] and msg["stream_ended"] is False
+            with pytest.raises(ConnectionClosed) as info:
+                extra.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1013
+            first.send(json.dumps({"type": "stop"}))
+            assert recv_json(first)["code"] == "not_started"
+        with ws_connect(process.ws_url) as again:
+            again.send(json.dumps({"type": "stop"}))
+            assert recv_json(again)["code"] == "not_started"
         _wait_idle(process)
     finally:
         process.stop()

@@ -4,26 +4,38 @@ Each test sends what the issue's black-box test sent, with raw ``tritonclient`` 
 (``tests/rawseq.py``), and compares the streams with their solo runs:
 
 2. segment parameters on a later request (changed or malformed) do not advance-then-kill the stream:
-   they are honoured on START only and ignored afterwards, the stream ends exactly as alone;
+   they are honoured on START only and ignored afterwards, the stream ends exactly as alone; a request
+   asking for only some outputs gets exactly those (equal to the full response's) and the stream goes on;
 3. the same sequence id STARTed on two presets at once: two independent streams;
 4. END delivers everything: a very_high stream whose last response finalizes more segments than the old
    64 rows ends with every segment of the offline reference;
 5. unbounded segment parameters are refused on START with the bound, before anything is allocated;
+6. an HTTP JSON ``AUDIO_LENGTH`` beyond int32 (4294967296 wrapped to 0: the audio silently ended) is refused
+   and the stream goes on;
+7. a refused START takes no sequence slot, even from a raw client that never sends END: more refused
+   STARTs than slots, then a good stream starts at once;
+8. the internal models validate their own inputs: NaN/Inf/huge FEATURES or out-of-range lengths sent to
+   ``sortformer_<preset>`` directly leave that sequence's state unchanged and are flagged (FEATURE_ERROR), which
+   the postprocessor turns into a refusal;
 9. refusals are INVALID_ARGUMENT (not INTERNAL), so proxies and retry policies do not read them as faults;
 10. the client library accepts exactly the sequence ids every protocol accepts (the largest works on all).
 """
 from __future__ import annotations
 
+import http.client
+import json
+import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
 
 from clients.sortformer_client import DiarizationClient, new_sequence_id
+from sortformer_triton import contract, repository
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 from sortformer_triton.timeline import SegmentParams, segments_from_probs
-from tests.rawseq import RawSequence, solo_run, steps
+from tests.rawseq import OUTPUTS, RawSequence, solo_run, steps
 
 LOW = get_preset("low")
 ULTRA = get_preset("ultra_low")
@@ -61,6 +73,31 @@ def test_parameters_on_a_later_request_leave_the_stream_intact(later, tiny_serve
         np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
         assert seq.finalized == solo["low"][1]
     finally:
+        seq.close()
+
+
+# every subset Triton 2.51's ensemble pruning broke: only the postprocessor's outputs (deadlock after the
+# preprocessor moved), only stateful-step outputs (the postprocessor skipped a step), one of each
+@pytest.mark.parametrize("subset", [
+    ("SEGMENTS", "N_SEGMENTS"), ("CONFIRMED",), ("FINISHED",), ("CONFIRMED", "SEGMENTS"), ("N_TENTATIVE", "FRAME_OFFSET"),
+])
+def test_a_request_for_some_outputs_gets_them_and_the_stream_goes_on(subset, tiny_server, audio) -> None:
+    plan = steps(LOW, audio["low"])
+    solo = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        for k, request in enumerate(plan):
+            full = solo.send(request.audio, request.valid, request.start, request.end)
+            assert full.error == "", full.error
+            # confirmed frames exist from k = 3: a step the postprocessor missed would break the next one
+            reply = seq.send(request.audio, request.valid, request.start, request.end,
+                             outputs=subset if k in (1, 4) else OUTPUTS)
+            assert reply.error == "", f"request {k}: {reply.error}"
+            assert sorted(reply.outputs) == sorted(subset if k in (1, 4) else OUTPUTS)
+            for name, value in reply.outputs.items():
+                np.testing.assert_array_equal(value, full.outputs[name], err_msg=f"request {k} {name}")
+    finally:
+        solo.close()
         seq.close()
 
 
@@ -117,6 +154,70 @@ def test_unbounded_parameters_are_refused_on_start(bad, says, tiny_server, audio
         seq.close()
 
 
+# ---- 6. HTTP JSON AUDIO_LENGTH beyond int32 ----------------------------------------------------------------
+def _http_json(server, sequence_id: int, audio: np.ndarray, length: int) -> Tuple[int, Dict]:
+    """One raw HTTP JSON request (the inference key header included), AUDIO_LENGTH as the contract types it."""
+    dtype = contract.ensemble_io(LOW).inputs[1]
+    assert dtype.name == contract.AUDIO_LENGTH
+    body = {"inputs": [
+        {"name": contract.AUDIO, "shape": [1, audio.size], "datatype": "FP32", "data": audio.tolist()},
+        {"name": contract.AUDIO_LENGTH, "shape": [1, 1], "datatype": dtype.client_dtype, "data": [length]}],
+        "parameters": {"sequence_id": sequence_id}}
+    conn = http.client.HTTPConnection(server.http_url, timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{contract.ensemble_name(LOW)}/infer", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **server.http_inference_headers})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("length, status_code, says", [
+    (2 ** 32, 400, "AUDIO_LENGTH is larger"), (2 ** 32 + 5, 400, "AUDIO_LENGTH is larger"),
+    (2 ** 63 - 1, 400, "AUDIO_LENGTH is larger"), (-(2 ** 32), 400, "AUDIO_LENGTH is negative"),
+    (2 ** 64, 500, "Unable to parse 'data'"),  # beyond int64: Triton's HTTP frontend itself (its status code)
+])
+def test_http_json_audio_length_beyond_int32_is_refused(length, status_code, says, tiny_server, audio,
+                                                        solo) -> None:
+    plan = steps(LOW, audio["low"])
+    seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
+    try:
+        for k, request in enumerate(plan):
+            if k == 4:  # mid-stream, on the same sequence over HTTP
+                status, out = _http_json(tiny_server, seq.sequence_id, request.audio, length)
+                assert status == status_code and says in out.get("error", ""), (status, out)
+            assert seq.step(request).error == ""
+        np.testing.assert_array_equal(seq.assembler.confirmed, solo["low"][0])
+        assert seq.finalized == solo["low"][1]
+    finally:
+        seq.close()
+
+
+def test_refused_starts_take_no_sequence_slot(tiny_server, audio, solo) -> None:
+    config = tiny_server.model_repository / contract.sortformer_name(LOW) / "config.pbtxt"
+    slots = repository.parse(config.read_text()).sequence_batching.oldest.max_candidate_sequences
+    plan = steps(LOW, audio["low"])
+    for k in range(slots + 4):  # a raw client that never sends END; before: the 17th waited for a slot
+        seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id(), timeout_s=10)
+        try:
+            reply = seq.send(plan[0].audio, plan[0].valid, start=True, parameters={"median_filter_frames": 4})
+            assert reply.status == INVALID and "odd integer in 1..63" in reply.error, f"START {k}: {reply}"
+        finally:
+            seq.close()
+    good = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id(), timeout_s=10)
+    try:
+        t0 = time.monotonic()
+        assert good.step(plan[0]).error == ""
+        assert time.monotonic() - t0 < 5, "the good START waited for a slot"
+        for request in plan[1:]:
+            assert good.step(request).error == ""
+        np.testing.assert_array_equal(good.assembler.confirmed, solo["low"][0])
+        assert good.finalized == solo["low"][1]
+    finally:
+        good.close()
+
+
 def test_refusals_are_invalid_argument(tiny_server, audio) -> None:
     plan = steps(LOW, audio["low"])
     seq = RawSequence(tiny_server.grpc_url, LOW, new_sequence_id())
@@ -129,6 +230,95 @@ def test_refusals_are_invalid_argument(tiny_server, audio) -> None:
         assert "START" in reply.error and reply.status == INVALID, reply  # Triton's own: no START
     finally:
         seq.close()
+
+
+# ---- 8. internal models called directly --------------------------------------------------------------
+def _direct(client, model: str, inputs: Dict[str, np.ndarray], outputs, sequence_id: int, start: bool = False,
+            end: bool = False) -> Dict[str, np.ndarray]:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, value in inputs.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+                          sequence_id=sequence_id, sequence_start=start, sequence_end=end, client_timeout=60)
+    return {o: result.as_numpy(o) for o in outputs}
+
+
+def _bad_features(good: Dict[str, np.ndarray]) -> Dict[str, Tuple[Dict[str, np.ndarray], int]]:
+    def with_(name: str, value) -> Dict[str, np.ndarray]:
+        bad = {k: v.copy() for k, v in good.items()}
+        bad[name] = np.asarray(value, good[name].dtype).reshape(good[name].shape) if np.ndim(value) else \
+            np.full_like(good[name], value)
+        return bad
+
+    feats = good[contract.FEATURES]
+    poke = lambda v: np.where(np.arange(feats.size).reshape(feats.shape) == 5, v, feats)  # noqa: E731
+    window = feats.shape[1]
+    return {
+        "nan": (with_(contract.FEATURES, poke(np.nan)), contract.ERR_FEATURES_NOT_FINITE),
+        "inf": (with_(contract.FEATURES, poke(-np.inf)), contract.ERR_FEATURES_NOT_FINITE),
+        "huge": (with_(contract.FEATURES, poke(1e30)), contract.ERR_FEATURES_RANGE),
+        "length over": (with_(contract.FEATURE_LENGTH, window + 1), contract.ERR_FEATURE_LENGTH),
+        "length negative": (with_(contract.FEATURE_LENGTH, -1), contract.ERR_FEATURE_LENGTH),
+        "left 1e9": (with_(contract.LEFT_CONTEXT, 10 ** 9), contract.ERR_LEFT_CONTEXT),
+        "left negative": (with_(contract.LEFT_CONTEXT, -1), contract.ERR_LEFT_CONTEXT),
+        "chunk negative": (with_(contract.CHUNK_INDEX, -1), contract.ERR_CHUNK_INDEX),
+        "chunk huge": (with_(contract.CHUNK_INDEX, 2 ** 62), contract.ERR_CHUNK_INDEX),
+    }
+
+
+def test_the_sortformer_model_called_directly_refuses_bad_inputs_without_moving_state(tiny_server, audio) -> None:
+    import tritonclient.grpc as grpcclient
+
+    sf_io = contract.sortformer_io(LOW, 1)
+    feature_names = [t.name for t in sf_io.inputs]
+    outputs = [t.name for t in sf_io.outputs]
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    pre_id, victim, twin = new_sequence_id(), new_sequence_id(), new_sequence_id()
+    plan = steps(LOW, audio["low"])
+    try:
+        for k, request in enumerate(plan):
+            pre = _direct(client, contract.preprocessor_name(LOW), {
+                contract.AUDIO: request.audio.reshape(1, -1),
+                contract.AUDIO_LENGTH: np.array([[request.valid]], contract.AUDIO_LENGTH_TENSOR.dtype)},
+                feature_names, pre_id, request.start, request.end)
+            if k == 4:  # confirmed frames exist: state a bad request could spoil
+                for name, (bad, bit) in _bad_features(pre).items():
+                    out = _direct(client, contract.sortformer_name(LOW), bad, outputs, victim)
+                    assert int(out[contract.FEATURE_ERROR][0, 0]) == bit, name
+                    assert int(out[contract.N_CONFIRMED][0, 0]) == 0 and np.isfinite(out[contract.CONFIRMED]).all(), name
+            got = _direct(client, contract.sortformer_name(LOW), pre, outputs, victim, request.start, request.end)
+            want = _direct(client, contract.sortformer_name(LOW), pre, outputs, twin, request.start, request.end)
+            for name in outputs:  # the state went on exactly as if the bad requests never came
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"request {k} {name}")
+            assert int(got[contract.FEATURE_ERROR][0, 0]) == 0
+    finally:
+        client.close()
+
+
+def test_the_postprocessor_refuses_a_flagged_step(tiny_server) -> None:
+    """FEATURE_ERROR from the sortformer graph becomes a clear INVALID_ARGUMENT refusal."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    feeds = {}
+    for t in contract.postprocessor_io().inputs:
+        dims = [LOW.chunk_len if d == -1 and "CONFIRMED" in t.name else LOW.right_context if d == -1 else d
+                for d in t.dims]
+        feeds[t.name] = np.zeros([1, *dims], t.dtype)
+    feeds[contract.FEATURE_ERROR][0, 0] = contract.ERR_FEATURES_NOT_FINITE | contract.ERR_LEFT_CONTEXT
+    client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            _direct(client, contract.POSTPROCESSOR, feeds, [contract.SEGMENTS], new_sequence_id(), start=True)
+        text = str(info.value.message())
+        assert str(info.value.status()) == INVALID and "FEATURES hold NaN" in text and "LEFT_CONTEXT" in text, text
+    finally:
+        client.close()
 
 
 # ---- 10. the largest sequence id the client accepts works on every protocol ------------------------------

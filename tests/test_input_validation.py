@@ -74,7 +74,7 @@ def _mutate(audio: np.ndarray, how: Optional[Tuple[str, float]]) -> np.ndarray:
 
 
 def _run_pre(pre: StatefulGraph, ids: List[int], starts: List[bool], audio: np.ndarray, lengths: List[int]) -> Dict[str, np.ndarray]:
-    return pre.run(ids, starts, {c.AUDIO: audio, c.AUDIO_LENGTH: np.array([[n] for n in lengths], np.int32)})
+    return pre.run(ids, starts, {c.AUDIO: audio, c.AUDIO_LENGTH: np.array([[n] for n in lengths], c.AUDIO_LENGTH_TENSOR.dtype)})
 
 
 @pytest.mark.parametrize("name, mutation, length, ended, bits", BAD_CASES, ids=[b[0] for b in BAD_CASES])
@@ -139,7 +139,7 @@ def test_refused_requests_inside_a_stream_change_nothing(graphs) -> None:
 
 
 def test_messages_name_every_problem() -> None:
-    text = c.describe_input_error(c.ERR_LENGTH_OVER_STEP | c.ERR_AMPLITUDE | 64, STEP)
-    assert f"{STEP} samples" in text and "int16 / 32768" in text and "0x40" in text
+    text = c.describe_input_error(c.ERR_LENGTH_OVER_STEP | c.ERR_AMPLITUDE | c.ERR_FEATURES_RANGE | 1 << 20, STEP)
+    assert f"{STEP} samples" in text and "int16 / 32768" in text and "beyond +-100" in text and "0x100000" in text
     assert c.describe_input_error(0) == ""
     assert all(c.describe_input_error(bit) for bit, _ in c.INPUT_ERRORS)

@@ -458,7 +458,7 @@ class WireRequest:
 
     sequence_id: int
     audio: np.ndarray  # AUDIO [1, step_samples] float32
-    length: np.ndarray  # AUDIO_LENGTH [1, 1] int32
+    length: np.ndarray  # AUDIO_LENGTH [1, 1] int64
     start: bool
     end: bool
     parameters: Optional[Dict[str, Any]]
@@ -466,7 +466,7 @@ class WireRequest:
 
 def wire_tensor(inp: Any) -> np.ndarray:
     """The tensor a ``tritonclient.grpc.InferInput`` carries (its raw contents, as put on the wire)."""
-    dtype = {"FP32": np.float32, "INT32": np.int32}[inp.datatype()]
+    dtype = {"FP32": np.float32, "INT64": np.int64}[inp.datatype()]
     return np.frombuffer(inp._get_content(), dtype=dtype).reshape(inp.shape()).copy()
 
 
@@ -503,7 +503,7 @@ class FakeTritonGrpc:
         assert sorted(tensors) == sorted([contract.AUDIO, contract.AUDIO_LENGTH])
         audio, length = tensors[contract.AUDIO], tensors[contract.AUDIO_LENGTH]
         assert audio.shape == (1, p.step_samples) and audio.dtype == np.float32
-        assert length.shape == (1, 1) and length.dtype == np.int32
+        assert length.shape == (1, 1) and length.dtype == np.int64
         valid = int(length[0, 0])
         assert 0 <= valid <= p.step_samples and not audio[0, valid:].any(), "padding must be zeros"
         assert request_id == str(len(self.requests))

@@ -42,7 +42,7 @@ def _state_pairs(config: mc.ModelConfig) -> List[Tuple[str, str]]:
 
 # ---- parsing and the checked-in tree -------------------------------------------------------------
 def test_every_model_is_generated(configs) -> None:
-    expected = {contract.POSTPROCESSOR}
+    expected = {contract.POSTPROCESSOR, contract.ADMISSION}
     for p in ALL:
         expected |= {contract.preprocessor_name(p), contract.sortformer_name(p), contract.ensemble_name(p)}
     for flavour in repository.FLAVOURS:
@@ -67,7 +67,7 @@ def test_checked_in_tree_equals_generator() -> None:
 
 def test_checked_in_configs_parse() -> None:
     paths = sorted(repository.REPOSITORY_ROOT.glob("*/*/config.pbtxt"))
-    assert len(paths) == 2 * (3 * len(ALL) + 1)
+    assert len(paths) == 2 * (3 * len(ALL) + 2)  # per preset 3, plus postprocessor and admission
     for path in paths:
         config = text_format.Parse(path.read_text(), mc.ModelConfig())
         assert config.name == path.parent.name
@@ -107,7 +107,7 @@ def test_stale_and_missing_models_are_detected(tmp_path: Path) -> None:
 def test_write_configs_creates_version_dirs(tmp_path: Path) -> None:
     written = repository.write_configs(tmp_path, "production", [PRESETS["low"]], 16)
     assert sorted(p.parent.name for p in written) == [
-        "diarizer_low", "postprocessor", "preprocessor_low", "sortformer_low"]
+        "admission", "diarizer_low", "postprocessor", "preprocessor_low", "sortformer_low"]
     for path in written:
         assert (path.parent / "1").is_dir(), "ensembles need an (empty) version dir too"
         assert (path.parent / "1" / repository.KEEP_FILE).exists()
@@ -249,6 +249,7 @@ def test_instance_kind_gpu_is_available() -> None:
     assert gpu["sortformer_high"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert gpu["preprocessor_high"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert gpu["postprocessor"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert gpu["admission"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     cpu = repository.model_configs("production", [PRESETS["high"]], 16)
     assert cpu["sortformer_high"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert cpu["sortformer_high"].instance_group[0].count == 1
@@ -310,6 +311,16 @@ def test_postprocessor(configs) -> None:
     assert int(params["state_ttl_seconds"]) == max(ttls.values())
 
 
+def test_admission_checks_starts_with_the_postprocessors_defaults(configs) -> None:
+    admission, post = configs["production"][contract.ADMISSION], configs["production"][contract.POSTPROCESSOR]
+    assert admission.backend == "python" and not admission.HasField("sequence_batching")
+    assert admission.dynamic_batching.max_queue_delay_microseconds == 0
+    segment = {k: v.string_value for k, v in post.parameters.items() if k in repository.POSTPROCESSOR_DEFAULTS}
+    assert {k: v.string_value for k, v in admission.parameters.items()} == segment
+    custom = repository.model_configs("local", [PRESETS["low"]], 16, postprocessor_params={"onset": 0.7})
+    assert custom[contract.ADMISSION].parameters["onset"].string_value == "0.7"
+
+
 def test_postprocessor_overrides() -> None:
     custom = repository.model_configs("local", [PRESETS["low"]], 16,
                                       postprocessor_params={"onset": 0.7, "median_filter_frames": 11})
@@ -333,7 +344,10 @@ def test_ensemble_wiring(configs) -> None:
                 "SEGMENTS", "N_SEGMENTS"]
             steps = ens.ensemble_scheduling.step
             assert [s.model_name for s in steps] == [
-                contract.preprocessor_name(p), contract.sortformer_name(p), contract.POSTPROCESSOR]
+                contract.ADMISSION, contract.preprocessor_name(p), contract.sortformer_name(p), contract.POSTPROCESSOR]
+            # the preprocessor runs only on admitted requests; every output comes from the last step
+            assert steps[1].input_map[contract.AUDIO_LENGTH] == contract.ADMITTED_AUDIO_LENGTH
+            assert set(steps[-1].output_map.values()) == {t.name for t in ens.output}
             produced = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
             for step in steps:
                 model = by_name[step.model_name]
@@ -363,7 +377,8 @@ def test_validate_catches_broken_ensembles(configs) -> None:
     by_name = configs["production"]
     broken = mc.ModelConfig()
     broken.CopyFrom(by_name["diarizer_low"])
-    del broken.ensemble_scheduling.step[1].input_map["CHUNK_INDEX"]
+    sortformer_step = [s for s in broken.ensemble_scheduling.step if s.model_name == "sortformer_low"][0]
+    del sortformer_step.input_map["CHUNK_INDEX"]
     with pytest.raises(ValueError, match="CHUNK_INDEX"):
         repository.validate(broken, by_name)
 

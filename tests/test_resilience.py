@@ -12,7 +12,8 @@ are reaped while the test watches) and served twice:
 
 plus a server killed mid-stream (the client reports ``ServerUnavailable`` naming the URL; a restarted
 server on the same ports serves new streams correctly, and a client retrying its START rides out the
-restart).
+restart), and a killed server's whole process group reaped by ``stop`` (a hung Python stub included: an
+orphaned ``triton_python_backend_stub`` once outlived the test suite).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from clients.sortformer_client import (
 )
 from loadtest.long_stream import tree_memory
 from sortformer_triton import contract, repository
-from sortformer_triton.local_server import LocalTritonServer
+from sortformer_triton.local_server import LocalTritonServer, process_group_members
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 from tests.rawseq import RawSequence, steps
@@ -54,7 +55,7 @@ def _repository(tiny_repository: Path, dest: Path, emb_dim: int, idle_seconds: i
                 **options) -> Path:
     """The tiny model's local repository, two presets, configs regenerated with ``options``."""
     root = dest / "local"
-    keep = {contract.POSTPROCESSOR} | {name(p) for p in PRESETS for name in
+    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name(p) for p in PRESETS for name in
                                         (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
     shutil.copytree(tiny_repository / "local", root,
                     ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"
@@ -288,6 +289,25 @@ def test_backlog_wait_longer_than_the_idle_timeout_loses_the_sequence(tiny_repos
         holder.join()
 
 
+# ---- 5. a killed server leaves no process behind -----------------------------------------------------
+@pytest.mark.triton  # starts its own LocalTritonServer (not through the triton_server fixture)
+def test_stop_reaps_a_killed_servers_process_group(tiny_repository, tiny_export_info, tmp_path) -> None:
+    repo = _repository(tiny_repository, tmp_path, int(tiny_export_info["emb_dim"]))
+    server = LocalTritonServer(repo).start()
+    group = server.pid
+    stubs = [pid for pid in process_group_members(group) if pid != group]
+    try:
+        assert len(stubs) >= 4, "expected the Python stubs of the models in the server's process group"
+        os.kill(stubs[0], signal.SIGSTOP)  # a hung stub: it will not notice that its server died
+        os.kill(server.pid, signal.SIGKILL)
+        server.stop()
+        assert process_group_members(group) == []
+    finally:
+        server.stop()
+        for pid in process_group_members(group):  # before the fix: do not leave the hung stub behind
+            os.kill(pid, signal.SIGKILL)
+
+
 # ---- 5. restart --------------------------------------------------------------------------------
 @pytest.mark.triton  # starts its own LocalTritonServer (not through the triton_server fixture)
 def test_server_killed_mid_stream_then_restarted(tiny_repository, tiny_export_info, tmp_path) -> None:
@@ -302,8 +322,10 @@ def test_server_killed_mid_stream_then_restarted(tiny_repository, tiny_export_in
         with DiarizationClient(url, protocol="grpc-stream", preset=LOW, timeout=10) as client:
             stream = client.open_stream()
             stream.feed(audio[: 4 * LOW.step_samples])
+            group = server.pid  # the server leads its own process group (start_new_session)
             os.kill(server.pid, signal.SIGKILL)
-            server.stop()
+            server.stop()  # reaps the group: no orphaned Python stub
+            assert process_group_members(group) == []
             with pytest.raises(ServerUnavailable) as info:
                 stream.feed(audio[4 * LOW.step_samples:])
             assert url in str(info.value)

@@ -151,7 +151,7 @@ def test_admin_key_never_reaches_the_log(tiny_server) -> None:
 # [1, 2**40] floats -> std::bad_alloc -> SIGABRT; [1, 2**28] ~1 GB RSS per 150 bytes; a gzip body inflates.
 CRASH_BODY = json.dumps({"inputs": [
     {"name": "AUDIO", "shape": [1, 1099511627776], "datatype": "FP32", "data": [0.0]},
-    {"name": "AUDIO_LENGTH", "shape": [1, 1], "datatype": "INT32", "data": [0]}]}).encode()
+    {"name": "AUDIO_LENGTH", "shape": [1, 1], "datatype": "INT64", "data": [0]}]}).encode()
 HUGE_BODY = CRASH_BODY.replace(b"1099511627776", str(2 ** 28).encode())
 GZIP_BOMB = gzip.compress(b" " * (64 << 20))  # 64 MiB of spaces in ~64 KiB
 
@@ -185,7 +185,7 @@ def test_one_http_json_request_cannot_kill_the_shipped_server(tiny_server) -> No
         request.parameters["sequence_id"].int64_param = seq.sequence_id
         request.parameters["sequence_start"].bool_param = True
         for name, dtype, shape, raw in (("AUDIO", "FP32", [1, 2 ** 40], np.zeros(1, np.float32)),
-                                        ("AUDIO_LENGTH", "INT32", [1, 1], np.zeros(1, np.int32))):
+                                        ("AUDIO_LENGTH", "INT64", [1, 1], np.zeros(1, np.int64))):
             tensor = request.inputs.add()
             tensor.name, tensor.datatype = name, dtype
             tensor.shape.extend(shape)

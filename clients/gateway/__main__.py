@@ -34,6 +34,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="preset of a 'start' message that names none (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per Triton request")
     parser.add_argument("--max-streams", type=int, default=64, help="streams open at once (more get 'busy')")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="WebSocket connections open at once (more get 'too_many_connections' and are "
+                             "closed with code 1013)")
     parser.add_argument("--max-pending-seconds", type=float, default=30.0,
                         help="audio a stream may have waiting for Triton before it is ended as overloaded")
     parser.add_argument("--idle-seconds", type=float, default=30.0,
@@ -70,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
     get_preset(args.preset)  # PresetError (a ValueError) names the known presets
     return GatewayConfig(triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
-                         max_streams=args.max_streams, max_pending_seconds=args.max_pending_seconds,
+                         max_streams=args.max_streams, max_connections=args.max_connections,
+                         max_pending_seconds=args.max_pending_seconds,
                          idle_seconds=args.idle_seconds, allowed_origins=tuple(args.allowed_origin) + page_origins(
                              args.host, args.port, "https" if args.ssl_certfile else "http"))
 

@@ -31,6 +31,7 @@ from .runtime import Gateway, GatewayConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused origin
+TRY_AGAIN_LATER = 1013  # WebSocket close code for a connection beyond --max-connections
 
 log = logging.getLogger("clients.gateway")
 
@@ -87,11 +88,19 @@ def create_app(config: GatewayConfig) -> Starlette:
             await ws.close(code=POLICY_VIOLATION)
             return
         await ws.accept()
-        gateway.connections += 1
+        if not gateway.reserve_connection():
+            # accepted to say why (a refused handshake reaches a browser as a bare 1006), then closed
+            why = (f"the gateway already has {config.max_connections} connections open (--max-connections); "
+                   "try again later")
+            log.warning("refused a WebSocket: %s", why)
+            with contextlib.suppress(Exception):
+                await ws.send_json(messages.error_message(messages.TOO_MANY_CONNECTIONS, why, False))
+                await ws.close(code=TRY_AGAIN_LATER, reason="too many connections")
+            return
         try:
             await Connection(ws, gateway).run()
         finally:
-            gateway.connections -= 1
+            gateway.release_connection()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -44,6 +44,7 @@ TIMEOUT = "timeout"  # a Triton request got no answer in time
 STREAM_FAILED = "stream_failed"  # Triton refused a request of the stream
 OVERLOADED = "overloaded"  # audio arrives faster than Triton diarizes it
 BUSY = "busy"  # the gateway has its maximum number of streams open
+TOO_MANY_CONNECTIONS = "too_many_connections"  # the gateway has its maximum of WebSockets open (then closes)
 IDLE = "idle"  # a stream got no audio for idle_seconds and was ended
 INTERNAL = "internal"  # a bug in the gateway (logged with its traceback)
 
@@ -217,6 +218,6 @@ def error_message(code: str, message: str, stream_ended: bool) -> Dict[str, Any]
 __all__ = [
     "ALREADY_STARTED", "BAD_AUDIO", "BAD_MESSAGE", "BUSY", "INTERNAL", "MAX_FRAME_BYTES", "NOT_STARTED",
     "OVERLOADED", "PRESET_UNAVAILABLE", "PROTOCOL_VERSION", "ProtocolError", "STREAM_FAILED", "Start",
-    "TIMEOUT", "TRITON_UNAVAILABLE", "UNKNOWN_PRESET", "decode_pcm", "error_message", "latest_probabilities",
+    "TIMEOUT", "TOO_MANY_CONNECTIONS", "TRITON_UNAVAILABLE", "UNKNOWN_PRESET", "decode_pcm", "error_message", "latest_probabilities",
     "parse_start", "parse_text", "result_message", "segment_json", "started_message", "update_message",
 ]

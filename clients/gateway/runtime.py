@@ -24,6 +24,7 @@ class GatewayConfig:
     default_preset: str = DEFAULT_PRESET
     timeout_s: float = 30.0  # per Triton request
     max_streams: int = 64
+    max_connections: int = 256  # WebSockets open at once (a stream needs one; more are refused and closed)
     max_pending_seconds: float = 30.0  # audio waiting for Triton before a stream is ended as overloaded
     idle_seconds: float = 30.0  # a stream without audio for this long is ended ('idle'), freeing its slot
     allowed_origins: Tuple[str, ...] = ()  # browser origins allowed (the gateway's own page included)
@@ -34,6 +35,8 @@ class GatewayConfig:
             raise ValueError("timeout_s, max_pending_seconds and idle_seconds must be > 0")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
 
 
 class Gateway:
@@ -65,6 +68,15 @@ class Gateway:
                     raise ProtocolError(messages.UNKNOWN_PRESET, str(exc)) from None
                 self._clients[preset] = client
             return client
+
+    def reserve_connection(self) -> bool:
+        if self.connections >= self.config.max_connections:
+            return False
+        self.connections += 1
+        return True
+
+    def release_connection(self) -> None:
+        self.connections = max(0, self.connections - 1)
 
     def reserve_stream(self) -> bool:
         if self.active_streams >= self.config.max_streams:

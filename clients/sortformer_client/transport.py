@@ -155,13 +155,14 @@ class Transport:
 
 def _make_inputs(module: Any, step: StepRequest, binary: bool) -> List[Any]:
     audio = module.InferInput(contract.AUDIO, [1, step.audio.size], "FP32")
-    length = module.InferInput(contract.AUDIO_LENGTH, [1, 1], "INT32")
+    length_tensor = contract.AUDIO_LENGTH_TENSOR
+    length = module.InferInput(length_tensor.name, [1, 1], length_tensor.client_dtype)
     if binary:
         audio.set_data_from_numpy(step.audio.reshape(1, -1), binary_data=True)
-        length.set_data_from_numpy(np.array([[step.valid]], np.int32), binary_data=True)
+        length.set_data_from_numpy(np.array([[step.valid]], length_tensor.dtype), binary_data=True)
     else:
         audio.set_data_from_numpy(step.audio.reshape(1, -1))
-        length.set_data_from_numpy(np.array([[step.valid]], np.int32))
+        length.set_data_from_numpy(np.array([[step.valid]], length_tensor.dtype))
     return [audio, length]
 
 

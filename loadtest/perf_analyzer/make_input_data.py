@@ -7,7 +7,7 @@ steps (0 valid samples). perf_analyzer runs one stream per sequence and puts END
 so every sequence ends properly and every frame gets confirmed.
 
 Each request has ``AUDIO`` (FP32 ``[step_samples]``, zero-padded; base64 of little-endian float32 by
-default, exact and ~4x smaller than a JSON list) and ``AUDIO_LENGTH`` (INT32 ``[1]``, the valid sample
+default, exact and ~4x smaller than a JSON list) and ``AUDIO_LENGTH`` (INT64 ``[1]``, the valid sample
 count). Shapes exclude the batch dimension (the ensembles have ``max_batch_size`` > 0).
 
     python -m loadtest.perf_analyzer.make_input_data --preset low --streams 4 --out results/pa_input

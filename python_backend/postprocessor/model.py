@@ -9,10 +9,15 @@ Model config ``parameters`` (strings): onset, offset, pad_onset, pad_offset, min
 min_duration_off, median_filter_frames, state_ttl_seconds (>= the sequence idle timeout, because a
 Python model is never told that Triton reaped an idle sequence). A request's ``parameters`` may set the
 same segment parameters (not the TTL) on its START request, within the bounds of
-``timeline.SegmentParams``. Later requests' parameters are ignored: the postprocessor is the ensemble's
+``timeline.SegmentParams``; ``admission``, the ensemble's first step, refuses a bad START with the same
+parsing before the stateful models run it (so it takes no sequence slot). Later requests' parameters are ignored: the postprocessor is the ensemble's
 last step, so refusing one of them would come after the stateful steps moved and break the stream.
 Keys the postprocessor does not know are ignored: an ensemble hands every request's parameters to all
 of its steps.
+
+It makes every ensemble output: the stateful steps' outputs arrive as ``STEP_<name>`` and leave as
+``<name>`` (``contract.PASSED_THROUGH``) next to SEGMENTS, so a request for some of the outputs is only a
+filter (Triton 2.51's ensemble prunes steps by the requested outputs; see ``repository.ensemble_model``).
 
 The model has no sequence batcher (see ``repository.postprocessor_model``): CORRID, START and END come
 from the request (``correlation_id()``, ``flags()``, forwarded by the ensemble). Streams are kept per
@@ -46,7 +51,7 @@ from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
-from sortformer_triton.timeline import parse_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
 
 PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"  # sortformer_triton.repository.PRESET_TTL_PARAMETER
 
@@ -90,7 +95,7 @@ class TritonPythonModel:
     # ---- one request ------------------------------------------------------------------------------
     def _respond(self, request: Any) -> Any:
         try:
-            rows, n_rows = self._run(request)
+            rows, n_rows, passed = self._run(request)
         except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
             return pb_utils.InferenceResponse(
                 output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {exc}", self.invalid_arg))
@@ -100,24 +105,27 @@ class TritonPythonModel:
         n = np.array([n_rows], np.int32)
         if self.batched:
             rows, n = rows[None], n[None]
-        return pb_utils.InferenceResponse(output_tensors=[
+        # every ensemble output comes from here (contract.PASSED_THROUGH): a request for some of them is a filter
+        passed_through = [pb_utils.Tensor(name, np.ascontiguousarray(passed[name])) for name in contract.PASSED_THROUGH]
+        return pb_utils.InferenceResponse(output_tensors=passed_through + [
             pb_utils.Tensor(contract.SEGMENTS, np.ascontiguousarray(rows)),
             pb_utils.Tensor(contract.N_SEGMENTS, n),
         ])
 
-    def _run(self, request: Any) -> Tuple[np.ndarray, int]:
+    def _run(self, request: Any) -> Tuple[np.ndarray, int, Dict[str, np.ndarray]]:
         corrid = request.correlation_id()
         if not corrid:
             raise ValueError("the request has no sequence id (correlation id): send it as part of a sequence")
         flags = request.flags()
         start = bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
         end = bool(flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
-        confirmed, tentative = _input(request, contract.CONFIRMED), _input(request, contract.TENTATIVE)
+        passed = {name: _input(request, contract.step_tensor(name)) for name in contract.PASSED_THROUGH}
+        confirmed, tentative = passed[contract.CONFIRMED], passed[contract.TENTATIVE]
         chunk_len = confirmed.shape[-2]
         store = self._store(f"{chunk_len},{tentative.shape[-2]}")  # one postprocessor, every preset
         try:
             if start:
-                params = parse_segment_params(_request_parameters(request), self.params)
+                params = request_segment_params(request.parameters(), self.params)
                 stream = store.start(corrid, lambda: StreamPostprocessor(params, contract.segment_rows(chunk_len)))
             else:
                 stream = store.get(corrid)
@@ -125,27 +133,30 @@ class TritonPythonModel:
                     raise ValueError(
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
                         f"ended, or it was idle > {store.ttl_seconds:g} s and expired")
-            _refuse_bad_audio(request, end)
-            return stream.step(
+            _refuse_bad_audio(request, end, chunk_len)
+            rows, n_rows = stream.step(
                 confirmed=confirmed,
-                n_confirmed=_input(request, contract.N_CONFIRMED),
+                n_confirmed=passed[contract.N_CONFIRMED],
                 tentative=tentative,
-                n_tentative=_input(request, contract.N_TENTATIVE),
-                frame_offset=int(_input(request, contract.FRAME_OFFSET).reshape(-1)[0]),
-                finished=bool(_input(request, contract.FINISHED).reshape(-1)[0]),
+                n_tentative=passed[contract.N_TENTATIVE],
+                frame_offset=int(passed[contract.FRAME_OFFSET].reshape(-1)[0]),
+                finished=bool(passed[contract.FINISHED].reshape(-1)[0]),
                 end=end,
             )
+            return rows, n_rows, passed
         finally:
             if end:
                 store.pop(corrid)
 
 
-def _refuse_bad_audio(request: Any, end: bool) -> None:
-    """The preprocessor graph checked the request's audio (INPUT_ERROR): a refused request changed no
-    state anywhere, so the stream may go on; it gets an error that names the problems."""
+def _refuse_bad_audio(request: Any, end: bool, chunk_len: int) -> None:
+    """The preprocessor graph checked the request's audio (INPUT_ERROR), the sortformer graph its features
+    (FEATURE_ERROR): a refused request changed no state anywhere, so the stream may go on; it gets an error
+    that names the problems."""
     code = int(_input(request, contract.INPUT_ERROR).reshape(-1)[0])
+    code |= int(_input(request, contract.FEATURE_ERROR).reshape(-1)[0])
     if code:
-        step = _input(request, contract.CONFIRMED).shape[-2] * FRAME_SAMPLES
+        step = chunk_len * FRAME_SAMPLES
         after = "its END ended the stream" if end else "the stream is unchanged and may go on"
         raise ValueError(f"request refused ({after}): {contract.describe_input_error(code, step)}")
 
@@ -156,10 +167,3 @@ def _input(request: Any, name: str) -> np.ndarray:
         raise ValueError(f"input {name} is missing")
     return tensor.as_numpy()
 
-
-def _request_parameters(request: Any) -> Dict[str, Any]:
-    text = request.parameters()
-    params = json.loads(text) if text else {}
-    if not isinstance(params, dict):
-        raise ValueError(f"request parameters must be a JSON object, got {text!r}")
-    return params

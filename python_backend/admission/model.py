@@ -1,0 +1,63 @@
+"""Triton Python-backend model ``admission``: the first step of every ``diarizer_<preset>`` ensemble.
+
+A START whose segment parameters the postprocessor would refuse is refused here, with the same parsing
+(``timeline.request_segment_params`` over the same config defaults), before the stateful models see the
+request: a START they ran holds a sequence slot in each of them until END or the idle timeout, and a raw
+client that never sends END would hold it that long (16 refused STARTs blocked a preset for a minute).
+An ensemble stops at a step's error, and the preprocessor step reads ``ADMITTED_AUDIO_LENGTH`` from here,
+so a refused request moves no state anywhere.
+
+Plumbing only: AUDIO_LENGTH in, the same values out as ADMITTED_AUDIO_LENGTH. No sequence batcher (START
+comes from the request's ``flags()``, forwarded by the ensemble), no state. Refusals are Triton
+``INVALID_ARG`` errors (gRPC INVALID_ARGUMENT, HTTP 400).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+import triton_python_backend_utils as pb_utils
+
+
+def _honour_pythonpath() -> None:
+    """Put PYTHONPATH's entries on sys.path (the 2.51 stub's interpreter ignores PYTHONPATH)."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and entry not in sys.path:
+            sys.path.append(entry)
+
+
+_honour_pythonpath()
+
+from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
+from sortformer_triton.sequences import config_parameters  # noqa: E402
+from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
+
+
+class TritonPythonModel:
+    """Refuses STARTs with bad segment parameters; passes AUDIO_LENGTH on otherwise."""
+
+    def initialize(self, args: Dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        try:
+            self.params = parse_segment_params(config_parameters(model_config))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise pb_utils.TritonModelException(f"{contract.ADMISSION}: bad model config parameters: {exc}")
+
+    def execute(self, requests: List[Any]) -> List[Any]:
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request: Any) -> Any:
+        try:
+            if request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+                request_segment_params(request.parameters(), self.params)
+            length = pb_utils.get_input_tensor_by_name(request, contract.AUDIO_LENGTH)
+            if length is None:
+                raise ValueError(f"input {contract.AUDIO_LENGTH} is missing")
+        except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
+            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                f"{contract.ADMISSION}: START refused before the sequence started (no state or slot taken; "
+                f"send START again): {exc}", pb_utils.TritonError.INVALID_ARG))
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(contract.ADMITTED_AUDIO_LENGTH, length.as_numpy())])
