@@ -562,6 +562,32 @@ def test_connections_beyond_the_limit_are_refused_with_a_reason(tmp_path: Path) 
         process.stop()
 
 
+def test_a_connection_without_a_stream_is_closed_as_idle(tmp_path: Path) -> None:
+    """--connection-idle-seconds: a connection that never starts a stream (it holds a --max-connections place)
+    gets 'idle' and is closed, its place is free again; a connection that keeps talking is not."""
+    from websockets.exceptions import ConnectionClosed
+
+    process = GatewayProcess(f"127.0.0.1:{free_port()}", tmp_path / "gateway.log", "--max-connections", "1",
+                             "--connection-idle-seconds", "1.5")
+    try:
+        with ws_connect(process.ws_url) as silent:
+            t0 = time.monotonic()
+            msg = recv_json(silent, timeout=15)
+            assert msg["code"] == "idle" and msg["stream_ended"] is False and "no stream for 1.5 s" in msg["message"], msg
+            assert 1.4 <= time.monotonic() - t0 < 10
+            with pytest.raises(ConnectionClosed) as info:
+                silent.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+        with ws_connect(process.ws_url) as talking:  # the place is free again
+            for _ in range(4):  # every message restarts the clock
+                time.sleep(0.6)
+                talking.send(json.dumps({"type": "stop"}))
+                assert recv_json(talking)["code"] == "not_started"
+        _wait_idle(process)
+    finally:
+        process.stop()
+
+
 # ---- the page in a real headless Chromium ---------------------------------------------------------------
 BROWSER_AUDIO_SECONDS = 20.0  # the wav; the test stops after LIVE_SECONDS
 LIVE_SECONDS = 11.0

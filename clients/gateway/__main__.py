@@ -41,6 +41,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="audio a stream may have waiting for Triton before it is ended as overloaded")
     parser.add_argument("--idle-seconds", type=float, default=30.0,
                         help="a stream that gets no audio for this long is ended (frees its Triton sequence)")
+    parser.add_argument("--connection-idle-seconds", type=float, default=60.0,
+                        help="a connection without a stream for this long (none started, or the last one over) is "
+                             "closed with 'idle' (frees its --max-connections place)")
     parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                         help="a web origin (https://host:port) allowed to open the WebSocket besides the "
                              "gateway's own page; repeatable; '*' allows any")
@@ -75,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
                          max_streams=args.max_streams, max_connections=args.max_connections,
                          max_pending_seconds=args.max_pending_seconds,
-                         idle_seconds=args.idle_seconds, allowed_origins=tuple(args.allowed_origin) + page_origins(
+                         idle_seconds=args.idle_seconds, connection_idle_seconds=args.connection_idle_seconds,
+                         allowed_origins=tuple(args.allowed_origin) + page_origins(
                              args.host, args.port, "https" if args.ssl_certfile else "http"))
 
 

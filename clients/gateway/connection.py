@@ -48,10 +48,23 @@ class Connection:
         self._ended_why = ""  # why the last stream ended early (an error), for audio that still arrives
 
     async def run(self) -> None:
-        """Serve the connection until the browser disconnects."""
+        """Serve the connection until the browser disconnects, or until it has had no stream for
+        ``connection_idle_seconds`` (a connection holds one of ``max_connections`` places, stream or not)."""
+        idle = self.gateway.config.connection_idle_seconds
         try:
             while True:
-                message = await self.ws.receive()
+                if self._stream is None:
+                    try:
+                        async with asyncio.timeout(idle):
+                            message = await self.ws.receive()
+                    except TimeoutError:
+                        await self._error(messages.IDLE, f"no stream for {idle:g} s: the connection is closed (it "
+                                                         "held a gateway place); connect again to start one", False)
+                        with contextlib.suppress(Exception):
+                            await self.ws.close(code=1000)
+                        return
+                else:
+                    message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     return
                 if message.get("bytes") is not None:

@@ -27,12 +27,13 @@ class GatewayConfig:
     max_connections: int = 256  # WebSockets open at once (a stream needs one; more are refused and closed)
     max_pending_seconds: float = 30.0  # audio waiting for Triton before a stream is ended as overloaded
     idle_seconds: float = 30.0  # a stream without audio for this long is ended ('idle'), freeing its slot
+    connection_idle_seconds: float = 60.0  # a connection without a stream for this long is closed ('idle')
     allowed_origins: Tuple[str, ...] = ()  # browser origins allowed (the gateway's own page included)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triton_url", normalize_url(self.triton_url, "grpc"))
-        if self.timeout_s <= 0 or self.max_pending_seconds <= 0 or self.idle_seconds <= 0:
-            raise ValueError("timeout_s, max_pending_seconds and idle_seconds must be > 0")
+        if min(self.timeout_s, self.max_pending_seconds, self.idle_seconds, self.connection_idle_seconds) <= 0:
+            raise ValueError("timeout_s, max_pending_seconds, idle_seconds and connection_idle_seconds must be > 0")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
         if self.max_connections < 1:
