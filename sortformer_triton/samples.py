@@ -44,31 +44,42 @@ def _voice(rng: np.random.Generator, n: int, speaker: int) -> np.ndarray:
     return sig * env
 
 
-def conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: float = 0.15,
-                 noise_db: float = -60.0) -> Tuple[np.ndarray, List[Turn]]:
-    """A conversation of `seconds` with `n_speakers` (1..4), its audio in [-1, 1] and its turns."""
-    if not 1 <= n_speakers <= 4:
-        raise ValueError("n_speakers must be 1..4")
+def _converse(seconds: float, n_speakers: int, seed: int, overlap: float, noise_db: float, speak,
+              pause: Tuple[float, float]) -> Tuple[np.ndarray, List[Turn]]:
+    """Alternating turns with pauses and overlaps: ``speak(rng, speaker, start_s)`` gives a turn's audio and
+    its end in seconds; then the next speaker cuts in (probability ``overlap``) or waits ``pause`` seconds."""
     rng = np.random.default_rng(seed)
     n = int(round(seconds * SAMPLE_RATE))
     audio = np.zeros(n)
     turns: List[Turn] = []
     pos, spk = 0.3, 0
     while pos < seconds:
-        dur = rng.uniform(0.8, 3.5)
-        start, end = pos, min(pos + dur, seconds)
-        a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
-        if b > a:
-            audio[a:b] += 0.25 * _voice(rng, b - a, spk)
-            turns.append(Turn(start, end, spk))
+        clip, end = speak(rng, spk, pos)
+        if len(clip):
+            a = int(pos * SAMPLE_RATE)
+            audio[a: a + len(clip)] += clip
+            turns.append(Turn(pos, end, spk))
         if rng.random() < overlap and n_speakers > 1:
             pos = max(0.0, end - rng.uniform(0.2, 0.8))  # the next speaker cuts in
         else:
-            pos = end + rng.uniform(0.1, 1.2)
+            pos = end + rng.uniform(*pause)
         spk = (spk + int(rng.integers(1, n_speakers))) % n_speakers if n_speakers > 1 else 0
     audio += 10 ** (noise_db / 20) * rng.standard_normal(n)
     return np.clip(audio, -1, 1).astype(np.float32), turns
 
+
+def conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: float = 0.15,
+                 noise_db: float = -60.0) -> Tuple[np.ndarray, List[Turn]]:
+    """A conversation of `seconds` with `n_speakers` (1..4), its audio in [-1, 1] and its turns."""
+    if not 1 <= n_speakers <= 4:
+        raise ValueError("n_speakers must be 1..4")
+
+    def speak(rng: np.random.Generator, spk: int, start: float) -> Tuple[np.ndarray, float]:
+        end = min(start + rng.uniform(0.8, 3.5), seconds)
+        a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+        return (0.25 * _voice(rng, b - a, spk) if b > a else np.zeros(0)), end
+
+    return _converse(seconds, n_speakers, seed, overlap, noise_db, speak, (0.1, 1.2))
 
 # espeak-ng voices for speech-like conversations: (voice, pitch 0-99, words per minute, gain dB). Different
 # timbres, pitches, rates and loudness, so a diarizer has something to tell apart (docs/parity.md).
@@ -132,27 +143,15 @@ def espeak_conversation(seconds: float, n_speakers: int = 3, seed: int = 0, over
     loudness, pauses and overlaps. Turns are the voiced span of each utterance. Needs espeak-ng and sox."""
     if not 1 <= n_speakers <= len(ESPEAK_VOICES):
         raise ValueError(f"n_speakers must be 1..{len(ESPEAK_VOICES)}")
-    rng = np.random.default_rng(seed)
     n = int(round(seconds * SAMPLE_RATE))
-    audio = np.zeros(n)
-    turns: List[Turn] = []
-    pos, spk = 0.3, 0
-    while pos < seconds:
+
+    def speak(rng: np.random.Generator, spk: int, start: float) -> Tuple[np.ndarray, float]:
         voice, pitch, wpm, gain_db = ESPEAK_VOICES[spk]
         words = rng.choice(_WORDS, size=int(rng.integers(3, 14)))
         clip = _synthesize(" ".join(words), voice, pitch, wpm)
         a, b = _voiced_span(clip)
-        clip = clip[a:b] * 10 ** (gain_db / 20)
-        start = int(pos * SAMPLE_RATE)
-        end = min(start + len(clip), n)
-        if end > start:
-            audio[start:end] += clip[: end - start]
-            turns.append(Turn(start / SAMPLE_RATE, end / SAMPLE_RATE, spk))
-        end_s = end / SAMPLE_RATE
-        if rng.random() < overlap and n_speakers > 1:
-            pos = max(0.0, end_s - rng.uniform(0.2, 0.8))
-        else:
-            pos = end_s + rng.uniform(0.15, 1.2)
-        spk = (spk + int(rng.integers(1, n_speakers))) % n_speakers if n_speakers > 1 else 0
-    audio += 10 ** (noise_db / 20) * rng.standard_normal(n)
-    return np.clip(audio, -1, 1).astype(np.float32), turns
+        first = int(start * SAMPLE_RATE)
+        last = min(first + (b - a), n)
+        return clip[a: a + max(last - first, 0)] * 10 ** (gain_db / 20), last / SAMPLE_RATE
+
+    return _converse(seconds, n_speakers, seed, overlap, noise_db, speak, (0.15, 1.2))
