@@ -145,12 +145,14 @@ class StreamCheck:
 
     @property
     def account(self) -> Optional[str]:
-        """Why the predictions pass: equal within PRED_TOL; or no further from NeMo than NeMo itself moves when
-        its features change only by their float32 rounding (NeMo on its features vs on the exact ones), plus
+        """Why the predictions pass: equal within PRED_TOL; or no further from NeMo (or from NeMo on the exact
+        features) than NeMo itself moves when its features change only by their float32 rounding, plus
         PRED_TOL; or a near-boundary decision with every frame before it passing so."""
         if self.pred_diff <= PRED_TOL:
             return "equal"
-        if self.pred_diff <= self.nemo_feature_sensitivity + PRED_TOL:
+        # against NeMo itself, or against NeMo on the exact features (the better-defined of the two): as close
+        # as NeMo's own float32 run is to it, plus PRED_TOL
+        if min(self.pred_diff, self.pred_diff_exact_features) <= self.nemo_feature_sensitivity + PRED_TOL:
             return "nemo_float_sensitivity"
         if self.pred_diff_before_boundary is not None and self.pred_diff_before_boundary <= PRED_TOL:
             return "near_boundary"
