@@ -279,17 +279,22 @@ def postprocessor_model(idle_of: Mapping[Preset, int], opts: Options,
     values["state_ttl_seconds"] = str(max(_ttl_seconds(idle) for idle in idle_of.values()))
     values[PRESET_TTL_PARAMETER] = json.dumps(
         {preset_key(p): _ttl_seconds(idle) for p, idle in idle_of.items()}, sort_keys=True)
-    config = mc.ModelConfig(
-        name=contract.POSTPROCESSOR,
+    config = _python_step(contract.POSTPROCESSOR, io, opts, MAX_QUEUE_DELAY_US)
+    _set_params(config, values)
+    return config
+
+
+def _python_step(name: str, io: ModelIO, opts: Options, queue_delay_us: int) -> mc.ModelConfig:
+    """A stateless Python-backend ensemble step: one CPU instance, dynamically batched."""
+    return mc.ModelConfig(
+        name=name,
         backend="python",
         max_batch_size=opts.max_batch_size,
         input=[_input(t) for t in io.inputs],
         output=[_output(t) for t in io.outputs],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=MAX_QUEUE_DELAY_US),
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=queue_delay_us),
         instance_group=[_instance_group("KIND_CPU", 1)],
     )
-    _set_params(config, values)
-    return config
 
 
 def admission_model(opts: Options, overrides: Optional[Mapping[str, Union[float, int]]]) -> mc.ModelConfig:
@@ -298,16 +303,7 @@ def admission_model(opts: Options, overrides: Optional[Mapping[str, Union[float,
     no sequence slot (a START they ran holds one until END or the idle timeout, and a raw client may never
     send END). It carries the postprocessor's segment defaults (a START's parameters change those) and passes
     AUDIO_LENGTH on; no queue delay (it only parses parameters)."""
-    io = contract.admission_io()
-    config = mc.ModelConfig(
-        name=contract.ADMISSION,
-        backend="python",
-        max_batch_size=opts.max_batch_size,
-        input=[_input(t) for t in io.inputs],
-        output=[_output(t) for t in io.outputs],
-        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=0),
-        instance_group=[_instance_group("KIND_CPU", 1)],
-    )
+    config = _python_step(contract.ADMISSION, contract.admission_io(), opts, 0)
     _set_params(config, {k: _format_param(k, v) for k, v in postprocessor_parameters(overrides).items()})
     return config
 
