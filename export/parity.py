@@ -189,7 +189,7 @@ def check_streams(model, preset: Preset, audios: Sequence[np.ndarray], start_at:
             before = max_abs_diff(ref.preds[:settled], res.preds[:settled])
             moved = max(max_abs_diff(ref.preds[:settled], ref_exact.preds[:settled]),
                         max_abs_diff(ref.preds[:settled], ref_ulp.preds[:settled]))
-            before = min(before, max(before - moved, 0.0))
+            before = max(before - moved, 0.0)  # what NeMo's own float32 movement does not explain
         checks.append(StreamCheck(
             pred_diff=max_abs_diff(ref.preds, res.preds),
             pred_diff_exact_features=max_abs_diff(ref_exact.preds, res.preds),

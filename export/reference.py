@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from sortformer_triton import contract
-from .graphs import stable_topk
 from sortformer_triton.presets import Preset
 from sortformer_triton.inprocess import (  # noqa: F401 - re-exported for export.parity and the tests
     GraphFn, StatefulGraph, StreamResult, max_abs_diff, ort_fn, stream_through,
 )
+
+from .graphs import stable_topk
 
 
 def configure_streaming(model, preset: Preset) -> None:
@@ -62,9 +63,10 @@ class Decisions:
     margin_step: Dict[str, Optional[int]] = dataclasses.field(default_factory=lambda: {k: None for k in DECISIONS})
     exact: Dict[str, int] = dataclasses.field(default_factory=lambda: {k: 0 for k in DECISIONS})
     near_step: Dict[str, Optional[int]] = dataclasses.field(default_factory=lambda: {k: None for k in DECISIONS})
+    # the first compression whose result changes with correctly rounded score logs (LOG_ROUNDING)
+    log_rounding_step: Optional[int] = None
     # integer decisions: a chunk that filled the FIFO exactly (no pop), pops that filled the speaker cache
     # exactly (no compression), and the step of the first compression
-    log_rounding_step: Optional[int] = None
     fifo_exact_steps: List[int] = dataclasses.field(default_factory=list)
     cache_exact_steps: List[int] = dataclasses.field(default_factory=list)
     first_compression_step: Optional[int] = None
@@ -92,6 +94,7 @@ class Decisions:
     def as_dict(self) -> Dict[str, object]:
         return {
             "margin": {k: (None if v == float("inf") else v) for k, v in self.margin.items()},
+            "margin_step": dict(self.margin_step),
             "exact_landings": dict(self.exact),
             "near_boundary_step": {k: v for k, v in self.near_step.items() if v is not None},
             "log_rounding_step": self.log_rounding_step,
@@ -105,18 +108,9 @@ class NemoResult:
     preds: np.ndarray  # [frames, 4]
     steps: int
     compressions: int
-    topk: str = "default"
     # per compression: how many scores were tied at a top-k cut that the tie-break rule decided
     ties: List[int] = dataclasses.field(default_factory=list)
     decisions: Decisions = dataclasses.field(default_factory=Decisions)
-
-    @property
-    def near_boundary_step(self) -> Optional[int]:
-        return self.decisions.first_near()[0]
-
-    @property
-    def near_boundary_kind(self) -> Optional[str]:
-        return self.decisions.first_near()[1]
 
 
 def _tied_at_cut(x: torch.Tensor, k: int, dim: int) -> Tuple[int, torch.Tensor]:
@@ -177,11 +171,10 @@ def _watch_compressions(model, topk: str, decisions: Decisions, step_of):
             torch.topk = torch_topk
 
     def disabling(preds, scores, min_pos_scores_per_spk):
-        if not watching["on"]:
-            return original_disable(preds, scores, min_pos_scores_per_spk)
-        decisions.see("speech", step_of(), preds - 0.5)
-        speech = preds > 0.5
-        decisions.see("positive", step_of(), torch.where(speech, scores, torch.full_like(scores, float("inf"))))
+        if watching["on"]:
+            decisions.see("speech", step_of(), preds - 0.5)
+            not_speech = torch.full_like(scores, float("inf"))
+            decisions.see("positive", step_of(), torch.where(preds > 0.5, scores, not_speech))
         return original_disable(preds, scores, min_pos_scores_per_spk)
 
     modules._compress_spkcache, modules._disable_low_scores = compressing, disabling
@@ -249,7 +242,7 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray, topk: str = "determini
             if sl2 == preset.spkcache_len > sl and len(ties) == n:
                 decisions.cache_exact_steps.append(steps)
             steps += 1
-    return NemoResult(preds=total[0].numpy(), steps=steps, compressions=len(ties), topk=topk, ties=list(ties),
+    return NemoResult(preds=total[0].numpy(), steps=steps, compressions=len(ties), ties=list(ties),
                       decisions=decisions)
 
 
