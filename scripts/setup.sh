@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # Debian packages: Chromium and its chromedriver (the web gateway's browser test drives them), espeak-ng and
-# sox (speech-like conversations for the parity suite: sortformer_triton.samples.espeak_conversation).
+# sox (speech-like conversations for the parity suite: sortformer_triton.samples.espeak_conversation), haproxy
+# (replicas behind a proxy with sequence affinity: sortformer_triton.replicas).
 missing=""
-for tool in chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng sox:sox; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool##*:}"
+for tool in chromium:chromium chromedriver:chromium-driver espeak-ng:espeak-ng sox:sox haproxy:haproxy; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing="$missing ${tool##*:}"
 done
 if [ -n "$missing" ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
@@ -18,7 +19,7 @@ if [ -n "$missing" ]; then
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
   else
     echo "setup.sh: missing Debian packages:$missing and no root to install them (apt-get install$missing);" \
-         "the browser and espeak-ng parity tests will fail" >&2
+         "the browser, espeak-ng parity and replica tests will fail" >&2
   fi
 fi
 if [ ! -x .venv/bin/python ]; then

@@ -3,7 +3,9 @@
 Each transport turns protocol steps into Triton requests of one sequence (``sequence_id``, START on the
 first request, END on the last) and yields the raw output tensors in request order. Triton's own
 exceptions become the library's (``ServerUnavailable``, ``ModelUnavailable``, ``StreamError``,
-``RequestTimeout``) with Triton's message kept.
+``RequestTimeout``) with Triton's message kept. Every request carries its sequence id in the header
+``x-sequence-id`` (a gRPC stream: when it opens), so a proxy in front of several replicas can keep the
+sequence on the replica that holds its state (``sortformer_triton.proxy``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from sortformer_triton import contract
 from sortformer_triton.presets import Preset
+from sortformer_triton.proxy import sequence_headers
 from sortformer_triton.protocol import StepRequest
 
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
@@ -115,6 +118,10 @@ def convert_error(exc: BaseException, url: str, protocol: str, model: str, seque
         return RequestTimeout(f"{where} to {model} at {url} ({protocol}) timed out: {message}",
                               sequence_id, index, status, message)
     if isinstance(exc, (ConnectionError, OSError)) or any(h in lowered for h in _UNAVAILABLE_HINTS):
+        if "503" in message:  # a proxy (sortformer_triton.proxy) with no live replica for this request
+            message += (" (a proxy answered 503: the replica that holds this sequence, or every replica, is "
+                        "down; the sequence's state is gone: open a new stream)" if index > 0 else
+                        " (a proxy answered 503: no replica is up; retry later)")
         return ServerUnavailable(url, protocol, message)
     if any(h in lowered for h in _MODEL_HINTS):
         return ModelUnavailable(f"model {model} is not available at {url} ({protocol}): {message}")
@@ -196,7 +203,7 @@ class GrpcTransport(Transport):
                 result = self._client.infer(
                     self.model, _make_inputs(self._module, step, binary=False), outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
-                    sequence_end=step.end, client_timeout=self.timeout,
+                    sequence_end=step.end, client_timeout=self.timeout, headers=sequence_headers(sequence_id),
                     parameters=parameters if step.start and parameters else None,
                 )
                 outputs = _outputs(result)
@@ -215,7 +222,7 @@ class HttpTransport(Transport):
         super().__init__(url, model, preset, timeout)
         import tritonclient.http as httpclient
 
-        self._headers = dict(headers or {}) or None  # the HTTP inference key (server_flags)
+        self._headers = dict(headers or {})  # the HTTP inference key (server_flags)
         self._module = httpclient
         self._client = httpclient.InferenceServerClient(
             url, connection_timeout=timeout, network_timeout=timeout)
@@ -228,7 +235,7 @@ class HttpTransport(Transport):
                 result = self._client.infer(
                     self.model, _make_inputs(self._module, step, binary=True), outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
-                    sequence_end=step.end, headers=self._headers,
+                    sequence_end=step.end, headers={**self._headers, **sequence_headers(sequence_id)},
                     parameters=parameters if step.start and parameters else None,
                 )
                 outputs = _outputs(result)
@@ -273,7 +280,8 @@ class GrpcStreamTransport(Transport):
         if self._started:
             return
         try:
-            self._client.start_stream(callback=self._callback)
+            # one gRPC stream carries one sequence: its opening headers place it (sortformer_triton.proxy)
+            self._client.start_stream(callback=self._callback, headers=sequence_headers(sequence_id))
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, sequence_id, 0) from exc
         self._started = True
