@@ -54,6 +54,13 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 300  # longer than the slowest step (very_high) plus a full backlog wait
 
 
+PROXY_ERRORS = {
+    502: "unavailable: the replica failed while answering (proxy: bad gateway)",
+    503: "unavailable: no live replica for this request (proxy: the replica holding the sequence is down)",
+    504: "unavailable: the replica did not answer in time (proxy: gateway timeout)",
+}
+
+
 def sequence_headers(sequence_id: int) -> Dict[str, str]:
     """The header a request of sequence ``sequence_id`` carries so a proxy can keep it on one replica."""
     return {SEQUENCE_HEADER: str(int(sequence_id))}
@@ -174,6 +181,10 @@ def haproxy_config(replicas: Sequence[Replica] | Discovery, settings: ProxySetti
         # a running sequence must not reach a replica that lacks its state
         "    retries 2",
         "    no option redispatch",
+        # errors of the proxy itself in Triton's JSON error shape, so HTTP clients read them (tritonclient
+        # parses every error body as JSON); gRPC clients see the status (503 = UNAVAILABLE)
+        *(f"    http-error status {code} content-type application/json string '{{\"error\":\"{text}\"}}'"
+          for code, text in PROXY_ERRORS.items()),
         "",
     ]
     if isinstance(replicas, Discovery):

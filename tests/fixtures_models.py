@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import pytest
 
+from sortformer_triton import contract, repository
 from sortformer_triton.local_server import LocalTritonServer
-from sortformer_triton.presets import PRESETS
+from sortformer_triton.presets import PRESETS, Preset
 
 TINY_SOURCE = "tiny"
 TINY_SEED = 0
@@ -64,3 +66,17 @@ def tiny_reference_model():
     from export.models import load_model
 
     return load_model(TINY_SOURCE, seed=TINY_SEED)
+
+
+def preset_repository(tiny_repository: Path, dest: Path, presets: Sequence[Preset], emb_dim: int,
+                      idle_seconds: int, **options: Any) -> Path:
+    """A copy of the tiny model's local repository with only ``presets`` (fewer models: a server that
+    starts faster), its configs regenerated with the sequence idle timeout and ``options``."""
+    root = dest / "local"
+    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name(p) for p in presets for name in
+                                        (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
+    shutil.copytree(tiny_repository / "local", root,
+                    ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"
+                                             and (Path(d) / n).is_dir() and n not in keep])
+    repository.write_configs(root, "local", presets, emb_dim, sequence_idle_seconds=idle_seconds, **options)
+    return root

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -38,10 +37,10 @@ from clients.sortformer_client import (
     new_sequence_id,
 )
 from loadtest.long_stream import tree_memory
-from sortformer_triton import contract, repository
 from sortformer_triton.local_server import LocalTritonServer, process_group_members
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
+from tests.fixtures_models import preset_repository
 from tests.rawseq import RawSequence, steps
 
 IDLE_SECONDS = 2
@@ -54,14 +53,7 @@ LOW = get_preset("low")
 def _repository(tiny_repository: Path, dest: Path, emb_dim: int, idle_seconds: int = IDLE_SECONDS,
                 **options) -> Path:
     """The tiny model's local repository, two presets, configs regenerated with ``options``."""
-    root = dest / "local"
-    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name(p) for p in PRESETS for name in
-                                        (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
-    shutil.copytree(tiny_repository / "local", root,
-                    ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"
-                                             and (Path(d) / n).is_dir() and n not in keep])
-    repository.write_configs(root, "local", PRESETS, emb_dim, sequence_idle_seconds=idle_seconds, **options)
-    return root
+    return preset_repository(tiny_repository, dest, PRESETS, emb_dim, idle_seconds, **options)
 
 
 @pytest.fixture(scope="module")

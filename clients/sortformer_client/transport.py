@@ -95,7 +95,9 @@ def check_parameters(parameters: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 
 # ---- errors -------------------------------------------------------------------------------------
 _UNAVAILABLE_HINTS = ("unavailable", "failed to connect", "connection refused", "connect failed",
-                      "socket closed", "connection reset", "name resolution", "broken pipe")
+                      "socket closed", "connection reset", "name resolution", "broken pipe",
+                      # a gRPC stream cut under the client: its server died (behind a proxy: RST_STREAM)
+                      "stream removed", "rst_stream")
 _MODEL_HINTS = ("unknown model", "is not ready", "is not found", "failed to load")
 
 
@@ -118,10 +120,9 @@ def convert_error(exc: BaseException, url: str, protocol: str, model: str, seque
         return RequestTimeout(f"{where} to {model} at {url} ({protocol}) timed out: {message}",
                               sequence_id, index, status, message)
     if isinstance(exc, (ConnectionError, OSError)) or any(h in lowered for h in _UNAVAILABLE_HINTS):
-        if "503" in message:  # a proxy (sortformer_triton.proxy) with no live replica for this request
-            message += (" (a proxy answered 503: the replica that holds this sequence, or every replica, is "
-                        "down; the sequence's state is gone: open a new stream)" if index > 0 else
-                        " (a proxy answered 503: no replica is up; retry later)")
+        if "503" in message or "(proxy:" in message:  # a proxy (sortformer_triton.proxy) without a live replica
+            message += (" [the replica that held this sequence is gone, and its state with it: open a new stream]"
+                        if index > 0 else " [no replica took the stream's START: retry later]")
         return ServerUnavailable(url, protocol, message)
     if any(h in lowered for h in _MODEL_HINTS):
         return ModelUnavailable(f"model {model} is not available at {url} ({protocol}): {message}")
