@@ -37,6 +37,8 @@ BALANCES: Tuple[str, ...] = ("affinity", "round_robin")
 GRPC_BACKEND = "triton_grpc"
 HTTP_BACKEND = "triton_http"
 METRICS_BACKEND = "triton_metrics"
+# which backend (and stick table) a client protocol's requests go through
+BACKENDS_BY_PROTOCOL = {"grpc": GRPC_BACKEND, "grpc-stream": GRPC_BACKEND, "http": HTTP_BACKEND}
 HEALTH_PATH = "/v2/health/ready"
 
 # A sequence's stick-table entry is refreshed by each of its requests; it must outlive the longest

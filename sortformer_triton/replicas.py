@@ -67,7 +67,7 @@ class LocalProxy:
     def __init__(self, replicas: Sequence[Replica], work_dir: os.PathLike | str, http_port: Optional[int] = None,
                  grpc_port: Optional[int] = None, balance: str = "affinity", name: str = "haproxy") -> None:
         self.replicas = list(replicas)
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.settings = ProxySettings(http_port=self.http_port, grpc_port=self.grpc_port, balance=balance,
@@ -97,7 +97,7 @@ class LocalProxy:
         haproxy = find_haproxy()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(haproxy_config(self.replicas, self.settings))
-        check = subprocess.run([haproxy, "-c", "-q", "-f", str(self.config_path)], capture_output=True, text=True)
+        check = subprocess.run([haproxy, "-c", "-f", str(self.config_path)], capture_output=True, text=True)
         if check.returncode != 0:
             raise ProxyError(f"haproxy refused {self.config_path}:\n{check.stdout}{check.stderr}")
         socket_path = Path(str(self.settings.stats_socket))
@@ -209,7 +209,7 @@ class LocalReplicaSet:
         self.balance = balance
         self._requested = (http_port, grpc_port)
         self._own_dir = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="replicas-"))
+        self.work_dir = Path(work_dir if work_dir is not None else tempfile.mkdtemp(prefix="replicas-")).resolve()
         # one key for all: a client's key works whichever replica its sequence lands on
         self.admin_key = server_flags.admin_key()
         self.http_inference_key = server_flags.http_inference_key()

@@ -32,8 +32,7 @@ pytestmark = pytest.mark.triton
 LOW = get_preset("low")
 PROTOCOLS = ("grpc", "grpc-stream", "http")
 STEP = LOW.step_samples
-BACKEND = {"grpc": proxy_config.GRPC_BACKEND, "grpc-stream": proxy_config.GRPC_BACKEND,
-           "http": proxy_config.HTTP_BACKEND}
+BACKEND = proxy_config.BACKENDS_BY_PROTOCOL
 
 
 @pytest.fixture(scope="module")
