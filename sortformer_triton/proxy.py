@@ -120,6 +120,9 @@ class ProxySettings:
     stats_socket: Optional[str] = None  # HAProxy's runtime API (show stat / show table)
     stats_port: Optional[int] = None  # HAProxy's own Prometheus metrics at /metrics
     balance: str = "affinity"
+    # re-resolve listed replicas' host names through this DNS server (compose: Docker's 127.0.0.11:53),
+    # so a replica container that restarts with a new address is found again
+    nameserver: Optional[str] = None
     stick_expire_s: int = DEFAULT_STICK_EXPIRE_S
     stick_entries: int = DEFAULT_STICK_ENTRIES
     check_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS
@@ -189,10 +192,10 @@ def haproxy_config(replicas: Sequence[Replica] | Discovery, settings: ProxySetti
           for code, text in PROXY_ERRORS.items()),
         "",
     ]
-    if isinstance(replicas, Discovery):
+    if isinstance(replicas, Discovery) or s.nameserver:
         lines += [
             "resolvers cluster",
-            "    parse-resolv-conf",  # the pod's nameserver (kube-dns)
+            f"    nameserver dns {s.nameserver}" if s.nameserver else "    parse-resolv-conf",  # else the pod's (kube-dns)
             "    accepted_payload_size 8192",
             "    hold valid 5s",
             "    hold nx 5s",
@@ -258,13 +261,15 @@ def _backend(name: str, replicas: Sequence[Replica] | Discovery, kind: str, s: P
         lines.append(f"    server-template replica {d.max_replicas} _{port_name}._tcp.{d.service} check "
                      f"resolvers cluster init-addr none resolve-prefer ipv4" + (" proto h2" if kind == "grpc" else ""))
     else:
+        dns = " resolvers cluster init-addr last,libc,none" if s.nameserver else ""
         for r in replicas:
             if kind == "grpc":
-                lines.append(f"    server {r.name} {r.host}:{r.grpc_port} proto h2 check port {r.http_port} check-proto h1")
+                lines.append(f"    server {r.name} {r.host}:{r.grpc_port} proto h2 check port {r.http_port} "
+                             f"check-proto h1{dns}")
             elif kind == "http":
-                lines.append(f"    server {r.name} {r.host}:{r.http_port} check")
+                lines.append(f"    server {r.name} {r.host}:{r.http_port} check{dns}")
             else:
-                lines.append(f"    server {r.name} {r.host}:{r.metrics_port} check port {r.http_port}")
+                lines.append(f"    server {r.name} {r.host}:{r.metrics_port} check port {r.http_port}{dns}")
     return lines + [""]
 
 

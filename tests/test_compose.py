@@ -57,7 +57,7 @@ def _docker_compose_available() -> bool:
 
 # ---- the compose file ------------------------------------------------------------------------------
 @pytest.mark.skipif(not _docker_compose_available(), reason="the docker compose plugin is not installed here")
-@pytest.mark.parametrize("profiles", [[], ["gpu"], ["gateway"]])
+@pytest.mark.parametrize("profiles", [[], ["gpu"], ["gateway"], ["replicas"]])
 def test_docker_compose_config(profiles: List[str]) -> None:
     args = ["docker", "compose", "-f", str(COMPOSE)] + [a for p in profiles for a in ("--profile", p)]
     proc = subprocess.run(args + ["config", "--quiet"], capture_output=True, text=True, check=False, cwd=ROOT)
@@ -66,11 +66,14 @@ def test_docker_compose_config(profiles: List[str]) -> None:
 
 def test_compose_services_and_profiles(compose: Dict[str, Any]) -> None:
     services = _services(compose)
-    assert set(services) == {"export", "triton", "export-gpu", "triton-gpu", "gateway"}
+    assert set(services) == {"export", "triton", "export-gpu", "triton-gpu", "gateway",
+                             "triton-replica-1", "triton-replica-2", "proxy"}
     default = {n for n, s in services.items() if not s.get("profiles")}
     assert default == {"export", "triton"}  # `docker compose up` = CPU export + CPU server
     assert services["export-gpu"]["profiles"] == ["gpu"] and services["triton-gpu"]["profiles"] == ["gpu"]
     assert services["gateway"]["profiles"] == ["gateway"]
+    for name in ("triton-replica-1", "triton-replica-2", "proxy"):
+        assert services[name]["profiles"] == ["replicas"]
     assert set(compose["volumes"]) == {"models", "models-gpu", "hf-cache"}
 
 
@@ -108,7 +111,10 @@ def _assert_server(svc: Dict[str, Any], volume: str, host_ports: Tuple[str, str,
     assert svc["environment"]["PYTHONPATH"] == "/opt/sortformer"
     test = " ".join(svc["healthcheck"]["test"])
     assert "/v2/health/ready" in test and "8000" in test
-    assert [f"127.0.0.1:{h}:{c}" for h, c in zip(host_ports, ("8000", "8001", "8002"))] == svc["ports"]
+    if host_ports:
+        assert [f"127.0.0.1:{h}:{c}" for h, c in zip(host_ports, ("8000", "8001", "8002"))] == svc["ports"]
+    else:
+        assert "ports" not in svc  # reached through the proxy only
     assert svc["shm_size"]
 
 
@@ -125,6 +131,38 @@ def test_compose_gpu_server(compose: Dict[str, Any]) -> None:
     assert svc["depends_on"] == {"export-gpu": {"condition": "service_completed_successfully"}}
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_replicas_behind_the_proxy(compose: Dict[str, Any]) -> None:
+    """Profile ``replicas``: two servers like the CPU one, without ports, sharing one HTTP inference key,
+    and HAProxy with the generated configuration naming exactly them."""
+    from deploy import render
+
+    services = _services(compose)
+    for name in render.COMPOSE_REPLICAS:
+        svc = services[name]
+        _assert_server(svc, "models", ())
+        assert svc["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
+        assert svc["environment"][server_flags.HTTP_INFERENCE_KEY_ENV] == ""  # ${...:-}: the same value for both
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert all(raw[n]["environment"][server_flags.HTTP_INFERENCE_KEY_ENV] == "${SORTFORMER_TRITON_HTTP_INFERENCE_KEY:-}"
+               for n in render.COMPOSE_REPLICAS)
+    proxy = services["proxy"]
+    assert proxy["image"] == "haproxy:2.6"
+    assert proxy["depends_on"] == {n: {"condition": "service_healthy"} for n in render.COMPOSE_REPLICAS}
+    source, target, mode = proxy["volumes"][0].split(":")
+    assert (ROOT / source).resolve() == render.COMPOSE_CFG and target == "/usr/local/etc/haproxy/haproxy.cfg" and mode == "ro"
+    assert proxy["ports"] == [f"127.0.0.1:{h}:{c}" for h, c in
+                              (("8200", render.PROXY_HTTP_PORT), ("8201", render.PROXY_GRPC_PORT),
+                               ("8204", render.PROXY_STATS_PORT))]
+    cfg = render.COMPOSE_CFG.read_text()
+    assert cfg == render.rendered()[render.COMPOSE_CFG], "deploy/haproxy/compose.cfg is stale: python -m deploy.render"
+    servers = re.findall(r"^\s+server (\S+) (\S+):(\d+)", cfg, re.MULTILINE)
+    assert {(n, h) for n, h, _ in servers} == {(n, n) for n in render.COMPOSE_REPLICAS}
+    assert {p for _, _, p in servers} == {"8000", "8001"}  # the containers' HTTP and gRPC ports
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    check = subprocess.run([haproxy, "-c", "-f", str(render.COMPOSE_CFG)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_compose_gateway(compose: Dict[str, Any]) -> None:
