@@ -16,7 +16,6 @@ in a terminal (HAProxy from Debian's ``haproxy`` package; scripts/setup.sh insta
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import csv
 import io
@@ -243,10 +242,10 @@ class LocalReplicaSet:
         self._ports = [(free_port(), free_port(), free_port()) for _ in range(self.count)]
         self.servers = [self._server(i) for i in range(self.count)]
         try:
-            # the replicas load their models in parallel (each start blocks until that server is ready)
-            with concurrent.futures.ThreadPoolExecutor(self.count) as pool:
-                for future in [pool.submit(server.start) for server in self.servers]:
-                    future.result()
+            # one after the other, from this thread: the kernel kills each server when the thread that
+            # started it ends (kill_with_parent), so a crashed caller leaves no replica behind
+            for server in self.servers:
+                server.start()
             self.proxy = LocalProxy(self.replicas(), self.work_dir, *self._requested, balance=self.balance).start()
             self.proxy.wait_until(lambda states: all(v == "UP" for v in states.values()), "every replica UP")
         except BaseException:
@@ -259,7 +258,7 @@ class LocalReplicaSet:
         return LocalTritonServer(
             self.model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
             log_path=self.work_dir / f"{self.names[i]}.log", admin_key=self.admin_key,
-            http_inference_key=self.http_inference_key, kill_with_parent=False)
+            http_inference_key=self.http_inference_key)
 
     def stop(self) -> None:
         """Stop the proxy and every replica; nothing of them outlives ``stop``."""
