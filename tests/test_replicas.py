@@ -257,3 +257,18 @@ def test_proxy_refuses_an_oversized_http_body_before_any_replica_reads_it(replic
         assert conn.getresponse().status == 413
     finally:
         conn.close()
+
+
+def test_load_table_reports_balance_per_replica() -> None:
+    from loadtest.locust.run import LocustSummary
+    from loadtest.replicas import ReplicaRun, markdown
+
+    summary = LocustSummary(preset="low", users=6, run_time_s=40, step_seconds=0.48, warmup_s=1, streams=12,
+                            steps=480, failures=0, latency_p50_ms=100, latency_p90_ms=150, latency_p99_ms=200,
+                            latency_max_ms=250, lateness_p50_ms=1, lateness_p99_ms=4, lateness_max_ms=5,
+                            steps_per_second=12, returncode=0, realtime=True, prefix="low_u6")
+    runs = [ReplicaRun(1, summary, {"replica0": 500}, {"replica0": 12}),
+            ReplicaRun(2, summary, {"replica0": 300, "replica1": 200}, {"replica0": 7, "replica1": 5})]
+    assert runs[0].spread == 1.0 and runs[1].spread == pytest.approx(1.2)
+    table = markdown(runs, LOW, "grpc", {"date": "today", "cpus": 2})
+    assert "| 2 | 12 | 480 | 0 | 100 / 200 | 4 | yes | 300 / 200 | 7 / 5 | 1.20 |" in table
