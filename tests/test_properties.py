@@ -58,6 +58,7 @@ from sortformer_triton.presets import (
     requests_for,
 )
 from sortformer_triton.protocol import iter_steps
+from sortformer_triton.proxy import sequence_headers
 from sortformer_triton.samples import conversation
 from sortformer_triton.segments_codec import SegmentOverflowError, StreamPostprocessor, unpack_segments
 from sortformer_triton.timeline import Segment, SegmentParams, Timeline, parse_segment_params
@@ -496,9 +497,12 @@ class FakeTritonGrpc:
 
     def infer(self, model_name: str, inputs: Sequence[Any], outputs: Any = None, request_id: str = "",
               sequence_id: int = 0, sequence_start: bool = False, sequence_end: bool = False,
-              client_timeout: Any = None, parameters: Optional[Dict[str, Any]] = None) -> "FakeResult":
+              client_timeout: Any = None, parameters: Optional[Dict[str, Any]] = None,
+              headers: Optional[Dict[str, str]] = None) -> "FakeResult":
         p = self.preset
         assert model_name == contract.ensemble_name(p)
+        # every request names its sequence for a proxy in front of replicas (sortformer_triton.proxy)
+        assert headers == sequence_headers(sequence_id), "the x-sequence-id header is missing or wrong"
         tensors = {inp.name(): wire_tensor(inp) for inp in inputs}
         assert sorted(tensors) == sorted([contract.AUDIO, contract.AUDIO_LENGTH])
         audio, length = tensors[contract.AUDIO], tensors[contract.AUDIO_LENGTH]
