@@ -61,13 +61,8 @@ def ensemble_requests(metrics_url: str, model: str) -> int:
 
 def placed_sequences(replica_set: LocalReplicaSet, backend: str) -> Dict[str, int]:
     """How many stick-table entries (sequences) point at each replica."""
-    counts = {name: 0 for name in replica_set.names}
-    for field in replica_set.proxy.command(f"show table {backend}").split():
-        if field.startswith("server_id="):
-            index = int(field.split("=", 1)[1]) - 1
-            if 0 <= index < replica_set.count:
-                counts[replica_set.names[index]] += 1
-    return counts
+    placed = list(replica_set.proxy.placements(backend).values())
+    return {name: placed.count(name) for name in replica_set.names}
 
 
 def run(model_repository: Path, preset: Preset, replica_counts: Sequence[int], users: int, run_time_s: float,

@@ -36,7 +36,6 @@ SEQUENCE_HEADER = "x-sequence-id"
 BALANCES: Tuple[str, ...] = ("affinity", "round_robin")
 GRPC_BACKEND = "triton_grpc"
 HTTP_BACKEND = "triton_http"
-METRICS_BACKEND = "triton_metrics"
 # which backend (and stick table) a client protocol's requests go through
 BACKENDS_BY_PROTOCOL = {"grpc": GRPC_BACKEND, "grpc-stream": GRPC_BACKEND, "http": HTTP_BACKEND}
 HEALTH_PATH = "/v2/health/ready"
@@ -76,14 +75,13 @@ class Replica:
     host: str
     http_port: int = 8000
     grpc_port: int = 8001
-    metrics_port: int = 8002
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"replica name must be letters, digits, '-' or '_', got {self.name!r}")
         if not self.host or any(c.isspace() for c in self.host):
             raise ValueError(f"replica host must be a host name or address, got {self.host!r}")
-        for port in (self.http_port, self.grpc_port, self.metrics_port):
+        for port in (self.http_port, self.grpc_port):
             _check_port(port)
 
 
@@ -99,7 +97,6 @@ class Discovery:
     max_replicas: int = 8
     http_port_name: str = "http"
     grpc_port_name: str = "grpc"
-    metrics_port_name: str = "metrics"
 
     def __post_init__(self) -> None:
         if self.max_replicas < 1:
@@ -116,7 +113,6 @@ class ProxySettings:
     bind: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
-    metrics_port: Optional[int] = None  # Triton's metrics of every replica, round robin (scrape replicas directly)
     stats_socket: Optional[str] = None  # HAProxy's runtime API (show stat / show table)
     stats_port: Optional[int] = None  # HAProxy's own Prometheus metrics at /metrics
     balance: str = "affinity"
@@ -135,7 +131,7 @@ class ProxySettings:
     def __post_init__(self) -> None:
         if self.balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
-        for port in (self.http_port, self.grpc_port, self.metrics_port, self.stats_port):
+        for port in (self.http_port, self.grpc_port, self.stats_port):
             if port is not None:
                 _check_port(port)
         for name in ("stick_expire_s", "stick_entries", "check_interval_ms", "check_fall", "check_rise",
@@ -206,14 +202,6 @@ def haproxy_config(replicas: Sequence[Replica] | Discovery, settings: ProxySetti
     lines += _frontend("http_in", s.bind, s.http_port, HTTP_BACKEND, h2=False, settings=s)
     lines += _backend(GRPC_BACKEND, replicas, "grpc", s)
     lines += _backend(HTTP_BACKEND, replicas, "http", s)
-    if s.metrics_port is not None:
-        lines += [
-            "frontend metrics_in",
-            f"    bind {s.bind}:{s.metrics_port}",
-            f"    default_backend {METRICS_BACKEND}",
-            "",
-        ]
-        lines += _backend(METRICS_BACKEND, replicas, "metrics", s)
     if s.stats_port is not None:
         lines += [
             "frontend stats",
@@ -239,7 +227,7 @@ def _frontend(name: str, bind: str, port: int, backend: str, h2: bool, settings:
 
 def _backend(name: str, replicas: Sequence[Replica] | Discovery, kind: str, s: ProxySettings) -> List[str]:
     lines = [f"backend {name}"]
-    if s.balance == "affinity" and kind != "metrics":
+    if s.balance == "affinity":
         lines += [
             "    balance leastconn",
             f"    stick-table type string len {STICK_KEY_CHARS} size {s.stick_entries} expire {s.stick_expire_s}s",
@@ -250,14 +238,14 @@ def _backend(name: str, replicas: Sequence[Replica] | Discovery, kind: str, s: P
         lines.append("    balance roundrobin")
     discovered = isinstance(replicas, Discovery)
     if kind == "http" or not discovered:
-        # readiness over HTTP; the gRPC and metrics servers of a listed replica are checked on its HTTP port
+        # readiness over HTTP; the gRPC server of a listed replica is checked on its HTTP port
         lines += [f"    option httpchk GET {HEALTH_PATH}", "    http-check expect status 200"]
     lines.append(f"    default-server inter {s.check_interval_ms}ms fall {s.check_fall} rise {s.check_rise}")
     if discovered:
         d = replicas
-        port_name = {"grpc": d.grpc_port_name, "http": d.http_port_name, "metrics": d.metrics_port_name}[kind]
+        port_name = d.grpc_port_name if kind == "grpc" else d.http_port_name
         # the headless Service's SRV records list ready pods only: a replica that is not ready leaves
-        # every backend at the next resolution; gRPC and metrics ports get a connect check on top
+        # every backend at the next resolution; the gRPC port gets a connect check on top
         lines.append(f"    server-template replica {d.max_replicas} _{port_name}._tcp.{d.service} check "
                      f"resolvers cluster init-addr none resolve-prefer ipv4" + (" proto h2" if kind == "grpc" else ""))
     else:
@@ -266,28 +254,25 @@ def _backend(name: str, replicas: Sequence[Replica] | Discovery, kind: str, s: P
             if kind == "grpc":
                 lines.append(f"    server {r.name} {r.host}:{r.grpc_port} proto h2 check port {r.http_port} "
                              f"check-proto h1{dns}")
-            elif kind == "http":
-                lines.append(f"    server {r.name} {r.host}:{r.http_port} check{dns}")
             else:
-                lines.append(f"    server {r.name} {r.host}:{r.metrics_port} check port {r.http_port}{dns}")
+                lines.append(f"    server {r.name} {r.host}:{r.http_port} check{dns}")
     return lines + [""]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the configuration for replicas given as ``name=host[:http:grpc:metrics]``."""
+    """Print the configuration for replicas given as ``name=host[:http:grpc]``."""
     parser = argparse.ArgumentParser(prog="python -m sortformer_triton.proxy", description=__doc__.split("\n")[0])
-    parser.add_argument("replicas", nargs="*", help="name=host or name=host:HTTP:GRPC:METRICS")
+    parser.add_argument("replicas", nargs="*", help="name=host or name=host:HTTP:GRPC")
     parser.add_argument("--discover", metavar="SERVICE", help="DNS SRV discovery of a headless Service instead")
     parser.add_argument("--max-replicas", type=int, default=8)
     parser.add_argument("--bind", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--stats-port", type=int, default=None)
     parser.add_argument("--balance", choices=BALANCES, default="affinity")
     args = parser.parse_args(argv)
     settings = ProxySettings(bind=args.bind, http_port=args.http_port, grpc_port=args.grpc_port,
-                             metrics_port=args.metrics_port, stats_port=args.stats_port, balance=args.balance)
+                             stats_port=args.stats_port, balance=args.balance)
     if args.discover:
         target: Sequence[Replica] | Discovery = Discovery(args.discover, args.max_replicas)
     else:
@@ -299,13 +284,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _parse_replica(text: str) -> Replica:
     name, sep, rest = text.partition("=")
     if not sep:
-        raise SystemExit(f"replica must be name=host[:http:grpc:metrics], got {text!r}")
+        raise SystemExit(f"replica must be name=host[:http:grpc], got {text!r}")
     parts = rest.split(":")
     if len(parts) == 1:
         return Replica(name, parts[0])
-    if len(parts) == 4:
-        return Replica(name, parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
-    raise SystemExit(f"replica must be name=host[:http:grpc:metrics], got {text!r}")
+    if len(parts) == 3:
+        return Replica(name, parts[0], int(parts[1]), int(parts[2]))
+    raise SystemExit(f"replica must be name=host[:http:grpc], got {text!r}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class ProxyError(TritonServerError):
 
 
 def find_haproxy() -> str:
-    path = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None)
+    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
     if path is None:
         raise ProxyError("haproxy not found: install Debian's haproxy package (scripts/setup.sh does)")
     return path
@@ -176,14 +176,21 @@ class LocalProxy:
                 raise ProxyError(f"the proxy did not see {what} within {timeout_s:g} s: http {http}, grpc {grpc}")
             time.sleep(0.05)
 
+    def placements(self, backend: str = GRPC_BACKEND, sequence_id: Optional[int] = None) -> Dict[int, str]:
+        """The stick table of ``backend`` (only ``sequence_id``'s entry, when given): sequence id -> replica."""
+        command = f"show table {backend}" + (f" key {int(sequence_id)}" if sequence_id is not None else "")
+        placed: Dict[int, str] = {}
+        for line in self.command(command).splitlines():  # "0x..: key=123 use=0 exp=.. server_id=1 ..."
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if "key" in fields and "server_id" in fields:
+                index = int(fields["server_id"]) - 1  # HAProxy numbers a backend's servers from 1
+                if 0 <= index < len(self.names):
+                    placed[int(fields["key"])] = self.names[index]
+        return placed
+
     def replica_of(self, sequence_id: int, backend: str = GRPC_BACKEND) -> Optional[str]:
         """The replica the proxy sends sequence ``sequence_id`` to in ``backend`` (None: no entry)."""
-        answer = self.command(f"show table {backend} key {int(sequence_id)}")
-        for field in answer.split():
-            if field.startswith("server_id="):
-                index = int(field.split("=", 1)[1]) - 1  # HAProxy numbers a backend's servers from 1
-                return self.names[index] if 0 <= index < len(self.names) else None
-        return None
+        return self.placements(backend, sequence_id).get(int(sequence_id))
 
     def set_checks(self, replica: str, enabled: bool) -> None:
         """Turn the health checks of ``replica`` off (the proxy keeps its last state) or on, in every backend."""
@@ -234,7 +241,7 @@ class LocalReplicaSet:
         return self.proxy
 
     def replicas(self) -> List[Replica]:
-        return [Replica(name, LOOPBACK, *ports) for name, ports in zip(self.names, self._ports)]
+        return [Replica(name, LOOPBACK, http, grpc) for name, (http, grpc, _) in zip(self.names, self._ports)]
 
     def start(self) -> "LocalReplicaSet":
         find_haproxy()  # before minutes of model loading

@@ -81,8 +81,7 @@ def test_services_select_the_pods_and_name_the_ports_the_proxy_discovers(objects
     assert headless["metadata"]["namespace"] == render.K8S_NAMESPACE
     assert headless["spec"]["selector"].items() <= pod_labels.items()
     discovery = proxy.Discovery("x")
-    assert {p["name"] for p in headless["spec"]["ports"]} == {
-        discovery.http_port_name, discovery.grpc_port_name, discovery.metrics_port_name}
+    assert {p["name"] for p in headless["spec"]["ports"]} == {discovery.http_port_name, discovery.grpc_port_name, "metrics"}
     container_ports = {p["name"]: p["containerPort"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert container_ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     deployment = _one(objects, "Deployment", "proxy")

@@ -105,7 +105,7 @@ def _finish(live: Live, audios, seconds: float = 2.0):
 
 # ---- the configuration (no server) ---------------------------------------------------------------
 def test_config_keeps_sequences_on_their_replica_and_haproxy_accepts_it(tmp_path: Path) -> None:
-    replicas = [proxy_config.Replica("a", "10.0.0.1"), proxy_config.Replica("b", "10.0.0.2", 9000, 9001, 9002)]
+    replicas = [proxy_config.Replica("a", "10.0.0.1"), proxy_config.Replica("b", "10.0.0.2", 9000, 9001)]
     text = proxy_config.haproxy_config(replicas)
     for backend in (proxy_config.GRPC_BACKEND, proxy_config.HTTP_BACKEND):
         block = text.split(f"\nbackend {backend}\n", 1)[1].split("\n\n", 1)[0]
