@@ -76,6 +76,8 @@ def engine_steps(model, preset: Preset, onnx_path: str, threads: int):
     """Two callables that each run one steady-state step on the same window and state: NeMo and ONNX."""
     import torch
 
+    from sortformer_triton.inprocess import profile_feeds
+
     from .reference import configure_streaming, ort_fn
 
     configure_streaming(model, preset)
@@ -86,6 +88,7 @@ def engine_steps(model, preset: Preset, onnx_path: str, threads: int):
     feeds.update({contract.FEATURES: win, contract.FEATURE_LENGTH: np.array([[win.shape[1]]], np.int64),
                   contract.LEFT_CONTEXT: np.array([[preset.left_context]], np.int64),
                   contract.CHUNK_INDEX: np.array([[1]], np.int64), contract.START: np.zeros((1, 1), np.int32)})
+    feeds.update(profile_feeds([None], [0]))
     fn = ort_fn(onnx_path, threads=threads)
     mods = model.sortformer_modules
     x = torch.from_numpy(win)
@@ -174,6 +177,7 @@ def step_flops(model, preset: Preset) -> float:
     state = steady_state(preset, emb_dim)
     w = preset.window_mel_frames
     args = [torch.zeros(1, w, 128), torch.tensor([[w]]), torch.tensor([[preset.left_context]]), torch.tensor([[1]]),
+            torch.zeros(1, 1), torch.zeros(1, contract.PROFILE_HEADER_LEN, dtype=torch.int64),
             torch.zeros(1, 1, dtype=torch.int32)] + [torch.from_numpy(state[s.name]) for s in contract.sortformer_io(preset, emb_dim).states]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*args)

@@ -49,6 +49,16 @@ from sortformer_triton.contract import (
     MAX_ABS_AMPLITUDE,
     MAX_ABS_FEATURE,
     MAX_CHUNK_INDEX,
+    MAX_ABS_PROFILE,
+    ERR_PROFILE_FLAGS,
+    ERR_PROFILE_ORIGIN,
+    ERR_PROFILE_SIZE,
+    ERR_PROFILE_STATE,
+    PROFILE_FORMAT,
+    PROFILE_HEADER_LEN,
+    PROFILE_RESTORE,
+    PROFILE_SAVE,
+    profile_size,
 )
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, N_SPEAKERS, SUBSAMPLING, WIN_SAMPLES, Preset
 
@@ -268,9 +278,10 @@ class StreamingFeatures(nn.Module):
 class StreamingStep(nn.Module):
     """One streaming step of Sortformer with the speaker cache / FIFO update inside the graph."""
 
-    def __init__(self, model, preset: Preset):
+    def __init__(self, model, preset: Preset, fingerprint: int = 0):
         super().__init__()
         self.model = model
+        self.fingerprint = int(fingerprint)  # of the weights and the preset: a profile of another is refused
         m = model.sortformer_modules
         self.p = preset
         self.S = preset.spkcache_len
@@ -291,6 +302,7 @@ class StreamingStep(nn.Module):
         self.strong = math.floor(per_spk * m.strong_boost_rate)
         self.weak = math.floor(per_spk * m.weak_boost_rate)
         self.min_pos = math.floor(per_spk * m.min_pos_scores_rate)
+        self.profile_size = profile_size(preset, self.D)
 
     # ---- the neural part, exactly NeMo's modules ------------------------------------------------
     def predict(self, packed: Tensor, lengths: Tensor) -> Tensor:
@@ -342,16 +354,90 @@ class StreamingStep(nn.Module):
         gathered_preds = torch.where(disabled.unsqueeze(2), torch.zeros(1, dtype=preds.dtype), _gather_rows(preds, idx))
         return gathered, gathered_preds
 
-    def forward(self, features, feature_length, left_context, chunk_index, start,
+    # ---- speaker profiles: the state restored on START, the state saved after a request -------------
+    def _unpack_profile(self, profile: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """PROFILE [B, n] as (spkcache, spkcache_preds, fifo, mean_sil_emb); a row of the wrong size is cut
+        or zero-padded to shape (and refused by :meth:`profile_error`)."""
+        b, n = profile.shape[0], self.profile_size
+        flat = torch.cat([profile, torch.zeros(b, n, dtype=profile.dtype, device=profile.device)], dim=1)[:, :n]
+        S, F, D = self.S, self.F, self.D
+        sizes = [S * D, S * N_SPEAKERS, F * D, D]
+        sc, sp, fifo, mean = torch.split(flat, sizes, dim=1)
+        return sc.reshape(b, S, D), sp.reshape(b, S, N_SPEAKERS), fifo.reshape(b, F, D), mean
+
+    def _fingerprint(self) -> Tensor:
+        # an int64 tensor constant: a Python int would be traced as a float scalar and lose its low bits
+        return torch.tensor(self.fingerprint, dtype=torch.int64)
+
+    def profile_error(self, profile: Tensor, header: Tensor, start: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """([B] bit mask of what is wrong with each row's profile inputs, restore [B] bool, save [B] bool)."""
+        b = header.shape[0]
+        h = header.reshape(b, PROFILE_HEADER_LEN)
+        flags, version, fingerprint = h[:, 0], h[:, 1], h[:, 2]
+        sl, fl, n_sil = h[:, 3], h[:, 4], h[:, 5]
+        # flags as arithmetic: ONNX has no integer bit operators before opset 18
+        restore = torch.remainder(flags, 2) == PROFILE_RESTORE
+        save = torch.remainder(torch.div(flags, 2, rounding_mode="floor"), 2) == 1
+        zero = torch.zeros_like(flags)
+
+        def flag(condition: Tensor, bit: int) -> Tensor:
+            return torch.where(condition, torch.full_like(zero, bit), zero)
+
+        size = torch.ones_like(profile).sum(dim=1).to(torch.int64)  # the row length, as data (traced)
+        sc, sp, fifo, mean = self._unpack_profile(profile)
+        flat = profile
+        finite = ~(torch.isnan(flat) | torch.isinf(flat))
+        values_ok = finite.all(dim=1) & (torch.where(finite, flat.abs(), torch.zeros_like(flat)) <= MAX_ABS_PROFILE).all(dim=1)
+        preds_ok = ((sp >= 0) & (sp <= 1)).reshape(b, -1).all(dim=1)
+        lengths_ok = (sl >= 0) & (sl <= self.S) & (fl >= 0) & (fl <= self.fifo_len) & (n_sil >= 0)
+        error = (
+            flag((flags < 0) | (flags > PROFILE_RESTORE + PROFILE_SAVE) | (restore & (start.reshape(b) == 0)),
+                 ERR_PROFILE_FLAGS)
+            + flag(restore & (size != self.profile_size), ERR_PROFILE_SIZE)
+            + flag(restore & ((version != PROFILE_FORMAT) | (fingerprint != self._fingerprint())), ERR_PROFILE_ORIGIN)
+            + flag(restore & (size == self.profile_size) & ~(values_ok & preds_ok & lengths_ok), ERR_PROFILE_STATE)
+        )
+        return error, restore & (error == 0), save & (flags >= 0) & (flags <= PROFILE_RESTORE + PROFILE_SAVE)
+
+    def _restore(self, restore: Tensor, profile: Tensor, header: Tensor, states: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        b = header.shape[0]
+        h = header.reshape(b, PROFILE_HEADER_LEN)
+        sc, sp, fifo, mean = self._unpack_profile(profile)
+        restored = (sc, sp, h[:, 3:4], fifo, h[:, 4:5], mean, h[:, 5:6])
+        out = []
+        for new, old in zip(restored, states):
+            shape = [-1] + [1] * (old.dim() - 1)
+            out.append(torch.where(restore.reshape(shape), new.to(old.dtype), old))
+        return tuple(out)
+
+    def _saved(self, save: Tensor, states: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """SAVED_PROFILE ([B, profile_size] when a row of the batch saves, else [B, 1]) and its header."""
+        b = save.shape[0]
+        sc, sp, sl, fifo, fl, mean, n_sil = states
+        flat = torch.cat([sc.reshape(b, -1), sp.reshape(b, -1), fifo.reshape(b, -1), mean], dim=1)
+        flat = torch.where(save.unsqueeze(1), flat, torch.zeros_like(flat))
+        n = torch.where(save.any(), torch.tensor(self.profile_size), torch.tensor(1))
+        flat = torch.index_select(flat, 1, torch.arange(n))
+        zero = torch.zeros_like(sl.reshape(b))
+        header = torch.stack([
+            torch.full_like(zero, PROFILE_SAVE), torch.full_like(zero, PROFILE_FORMAT),
+            zero + self._fingerprint(), sl.reshape(b), fl.reshape(b), n_sil.reshape(b)], dim=1)
+        return flat, torch.where(save.unsqueeze(1), header, torch.zeros_like(header))
+
+    def forward(self, features, feature_length, left_context, chunk_index, profile, profile_header, start,
                 spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames):
         spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames = _reset(
             start, spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames
         )
+        profile_err, restore, save = self.profile_error(profile, profile_header, start)
+        spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames = self._restore(
+            restore, profile, profile_header,
+            (spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames))
         b = features.shape[0]
         S, F, C, E, P = self.S, self.F, self.C, self.E, self.P
         # a refused request (FEATURE_ERROR != 0; only a direct caller can send one) is an idle row: no
         # features, so every state passes through unchanged and the outputs are zeros
-        error = self.input_error(features, feature_length, left_context, chunk_index)
+        error = self.input_error(features, feature_length, left_context, chunk_index) + profile_err
         bad = error != 0
         feat_len = feature_length.reshape(b).clamp(0, features.shape[1])
         feat_len = torch.where(bad, torch.zeros_like(feat_len), feat_len)
@@ -420,13 +506,7 @@ class StreamingStep(nn.Module):
         new_sl = torch.minimum(sl + pop, torch.full_like(sl, S))
 
         a2, a3 = active.reshape(b, 1), active.reshape(b, 1, 1)
-        return (
-            chunk_preds,
-            c.to(torch.int32).unsqueeze(1),
-            tentative,
-            rc.to(torch.int32).unsqueeze(1),
-            (chunk_index.reshape(b) * C).unsqueeze(1),
-            error.to(torch.int32).unsqueeze(1),
+        states = (
             torch.where(a3, new_sc, spkcache),
             torch.where(a3, new_sp, spkcache_preds),
             torch.where(active, new_sl, sl).unsqueeze(1),
@@ -435,6 +515,17 @@ class StreamingStep(nn.Module):
             torch.where(a2, new_mean, mean_sil_emb),
             torch.where(active, new_n_sil, n_sil).unsqueeze(1),
         )
+        saved, saved_header = self._saved(save & ~bad, states)
+        return (
+            chunk_preds,
+            c.to(torch.int32).unsqueeze(1),
+            tentative,
+            rc.to(torch.int32).unsqueeze(1),
+            (chunk_index.reshape(b) * C).unsqueeze(1),
+            error.to(torch.int32).unsqueeze(1),
+            saved,
+            saved_header,
+        ) + states
 
     def input_error(self, features: Tensor, feature_length: Tensor, left_context: Tensor,
                     chunk_index: Tensor) -> Tensor:

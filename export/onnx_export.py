@@ -12,6 +12,7 @@ that a config matches the graph instead of recomputing it (FluidAudio's lesson).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -49,6 +50,10 @@ def _declare(values, expected: Dict[str, Tuple[int, ...]], side: str) -> None:
             raise ExportShapeError(f"graph {side} {value.name!r} has rank {len(dims)}, the contract says "
                                    f"[batch, *{list(want)}]")
         for i, (dim, size) in enumerate(zip(list(dims)[1:], want), start=1):
+            if size == -1:  # a variable dim of the contract (PROFILE): symbolic in the graph, -1 in the config
+                dim.Clear()
+                dim.dim_param = f"{value.name}_{i}"
+                continue
             if dim.HasField("dim_value") and dim.dim_value != size:
                 raise ExportShapeError(f"graph {side} {value.name!r} dim {i} is {dim.dim_value}, the contract "
                                        f"says {size}")
@@ -76,7 +81,7 @@ def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Te
     dtypes = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
     for t in io.inputs:
         names.append(t.name)
-        tensors.append(torch.zeros((batch, *t.dims), dtype=dtypes[t.dtype]))
+        tensors.append(torch.zeros((batch, *[1 if d == -1 else d for d in t.dims]), dtype=dtypes[t.dtype]))
     names.append(contract.START)
     tensors.append(torch.ones((batch, 1), dtype=torch.int32))
     for s in io.states:
@@ -89,6 +94,8 @@ def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Te
 def _export(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata: Dict[str, object]) -> Path:
     names, example, outputs = _example(io, batch=2)
     dynamic = {n: {0: BATCH_DIM} for n in names + outputs}
+    for t in io.inputs + io.outputs:  # the contract's variable dims (PROFILE) stay symbolic when traced
+        dynamic[t.name].update({i + 1: f"{t.name}_{i + 1}" for i, d in enumerate(t.dims) if d == -1})
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,11 +121,35 @@ def export_preprocessor(model, preset: Preset, path: Path, source: str) -> Path:
     return _export(module, contract.preprocessor_io(preset), path, meta)
 
 
+def weights_digest(model) -> str:
+    """sha256 of the model's weights (names, dtypes, shapes, values), cached on the model."""
+    cached = getattr(model, "_sortformer_triton_digest", None)
+    if cached is None:
+        h = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        cached = h.hexdigest()
+        object.__setattr__(model, "_sortformer_triton_digest", cached)
+    return cached
+
+
+def profile_fingerprint(model, preset: Preset) -> int:
+    """The 62-bit id of (weights, preset) a graph bakes in: a speaker profile restores only into the graph
+    of the model and preset that saved it (contract.ERR_PROFILE_ORIGIN)."""
+    text = json.dumps({"weights": weights_digest(model), "preset": preset.to_dict()}, sort_keys=True)
+    return (int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2) | 1
+
+
 def export_step(model, preset: Preset, path: Path, source: str) -> Path:
     configure_streaming(model, preset)
-    module = StreamingStep(model, preset).eval()
+    fingerprint = profile_fingerprint(model, preset)
+    module = StreamingStep(model, preset, fingerprint).eval()
     emb_dim = module.D
-    meta = {"graph": "sortformer", "preset": preset.to_dict(), "emb_dim": emb_dim, "source": source}
+    meta = {"graph": "sortformer", "preset": preset.to_dict(), "emb_dim": emb_dim, "source": source,
+            "profile_fingerprint": fingerprint, "profile_format": contract.PROFILE_FORMAT,
+            "profile_size": contract.profile_size(preset, emb_dim)}
     return _export(module, contract.sortformer_io(preset, emb_dim), path, meta)
 
 

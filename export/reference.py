@@ -204,13 +204,15 @@ def _watch_silence(model, decisions: Decisions, step_of):
 
 @torch.no_grad()
 def nemo_stream(model, preset: Preset, audio: np.ndarray, topk: str = "deterministic",
-                features: Optional[np.ndarray] = None) -> NemoResult:
+                features: Optional[np.ndarray] = None, profile: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> NemoResult:
     """NeMo's streaming loop (``forward_streaming`` with async_streaming=True) on one recording, driven step
     by step through ``forward_streaming_step`` exactly as ``forward_streaming`` does.
 
     ``topk="deterministic"`` (the parity reference): NeMo with its top-k ties broken by lower index first;
     ``"default"``: NeMo as shipped (torch.topk orders ties as its kernel happens to). ``features``
-    ([frames, 128]) replaces NeMo's own preprocessor output, e.g. with :func:`exact_features`.
+    ([frames, 128]) replaces NeMo's own preprocessor output, e.g. with :func:`exact_features`. ``profile``
+    (PROFILE, PROFILE_HEADER as a graph saved them) is NeMo's streaming state at the start instead of
+    ``init_streaming_state``'s zeros: the loop continued from a saved speaker state on new audio.
     """
     configure_streaming(model, preset)
     x = torch.from_numpy(np.asarray(audio, dtype=np.float32)).unsqueeze(0)
@@ -222,6 +224,8 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray, topk: str = "determini
         feats = torch.from_numpy(np.ascontiguousarray(features.T, dtype=np.float32)).unsqueeze(0)
     modules = model.sortformer_modules
     state = modules.init_streaming_state(batch_size=1, async_streaming=True, device=model.device)
+    if profile is not None:
+        restore_state(state, preset, *profile)
     total = torch.zeros((1, 0, modules.n_spk))
     offset = torch.zeros((1,), dtype=torch.long)
     decisions = Decisions()
@@ -244,6 +248,22 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray, topk: str = "determini
             steps += 1
     return NemoResult(preds=total[0].numpy(), steps=steps, compressions=len(ties), ties=list(ties),
                       decisions=decisions)
+
+
+def restore_state(state, preset: Preset, profile: np.ndarray, header: np.ndarray) -> None:
+    """Set NeMo's async streaming state from a saved PROFILE / PROFILE_HEADER (contract layout)."""
+    S, D = preset.spkcache_len, int(state.spkcache.shape[2])
+    F = max(preset.fifo_len, 1)
+    sizes = np.cumsum([S * D, S * 4, F * D, D])
+    sc, sp, fifo, mean = np.split(np.asarray(profile, np.float32), sizes[:-1])
+    h = {name: int(v) for name, v in zip(contract.PROFILE_HEADER_FIELDS, np.asarray(header).reshape(-1))}
+    state.spkcache = torch.from_numpy(sc.reshape(1, S, D).copy())
+    state.spkcache_preds = torch.from_numpy(sp.reshape(1, S, 4).copy())
+    state.fifo = torch.from_numpy(fifo.reshape(1, F, D)[:, :preset.fifo_len].copy())
+    state.mean_sil_emb = torch.from_numpy(mean.reshape(1, D).copy())
+    state.spkcache_lengths = torch.tensor([h["spkcache_lengths"]], dtype=torch.long)
+    state.fifo_lengths = torch.tensor([h["fifo_lengths"]], dtype=torch.long)
+    state.n_sil_frames = torch.tensor([h["n_sil_frames"]], dtype=torch.long)
 
 
 def torch_fn(module: torch.nn.Module, io: contract.ModelIO) -> GraphFn:

@@ -32,16 +32,16 @@ CORRID = "CORRID"
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     name: str
-    dtype: str  # numpy dtype name: float32, int32, int64
+    dtype: str  # numpy dtype name: float32, int32, int64; "bytes" for Triton strings (numpy object arrays)
     dims: Tuple[int, ...]
 
     @property
     def triton_dtype(self) -> str:
-        return {"float32": "TYPE_FP32", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}[self.dtype]
+        return {"float32": "TYPE_FP32", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bytes": "TYPE_STRING"}[self.dtype]
 
     @property
     def client_dtype(self) -> str:
-        return {"float32": "FP32", "int32": "INT32", "int64": "INT64"}[self.dtype]
+        return {"float32": "FP32", "int32": "INT32", "int64": "INT64", "bytes": "BYTES"}[self.dtype]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,7 @@ FRAME_OFFSET = "FRAME_OFFSET"
 SEGMENTS = "SEGMENTS"
 N_SEGMENTS = "N_SEGMENTS"
 FINISHED = "FINISHED"
+SPEAKER_NAMES = "SPEAKER_NAMES"  # the slots' names, UTF-8, "" for an unnamed slot (sortformer_triton.speakers)
 INPUT_ERROR = "INPUT_ERROR"  # preprocessor -> postprocessor: why a request's audio was refused (0 = valid)
 FEATURE_ERROR = "FEATURE_ERROR"  # sortformer -> postprocessor: why a request's features were refused (0 = valid)
 
@@ -76,6 +77,27 @@ FEATURE_ERROR = "FEATURE_ERROR"  # sortformer -> postprocessor: why a request's 
 # every length a client can write reaches the preprocessor graph's range check (a JSON number beyond int64
 # is a parse error)
 AUDIO_LENGTH_TENSOR = Tensor(AUDIO_LENGTH, "int64", (1,))
+
+# speaker profiles (docs/speakers.md): a stream's speaker state saved, and a new stream started from it
+PROFILE = "PROFILE"  # float32 [n]: spkcache [S, D], spkcache_preds [S, 4], fifo [F, D], mean_sil_emb [D], flat
+PROFILE_HEADER = "PROFILE_HEADER"  # int64 [PROFILE_HEADER_LEN]: see PROFILE_HEADER_FIELDS
+SAVED_PROFILE = "SAVED_PROFILE"  # the state after this request, when PROFILE_HEADER asked to save it
+SAVED_PROFILE_HEADER = "SAVED_PROFILE_HEADER"
+PROFILE_HEADER_FIELDS: Tuple[str, ...] = ("flags", "format", "fingerprint", "spkcache_lengths", "fifo_lengths",
+                                          "n_sil_frames")
+PROFILE_HEADER_LEN = len(PROFILE_HEADER_FIELDS)
+PROFILE_FORMAT = 1  # the layout of PROFILE and its header; a graph refuses any other
+PROFILE_RESTORE = 1  # flags bit: START from PROFILE (only on START, from diarizer_<preset>_from_profile)
+PROFILE_SAVE = 2  # flags bit: return the state after this request as SAVED_PROFILE
+ADMITTED_PROFILE = "ADMITTED_PROFILE"  # admission -> sortformer in diarizer_<preset>: no profile (1 zero)
+ADMITTED_PROFILE_HEADER = "ADMITTED_PROFILE_HEADER"  # flags = PROFILE_SAVE when the request says save_profile
+SAVE_PROFILE_PARAMETER = "save_profile"  # request parameter (bool): save the state after this request
+
+
+def profile_size(p: Preset, emb_dim: int) -> int:
+    """Floats in a preset's PROFILE: the speaker cache, its predictions, the FIFO and the silence profile."""
+    return p.spkcache_len * emb_dim + p.spkcache_len * N_SPEAKERS + max(p.fifo_len, 1) * emb_dim + emb_dim
+
 
 # preprocessor -> sortformer
 FEATURES = "FEATURES"
@@ -86,6 +108,16 @@ CHUNK_INDEX = "CHUNK_INDEX"
 
 def ensemble_name(preset: Preset) -> str:
     return f"diarizer_{preset.name}"
+
+
+def resume_ensemble_name(preset: Preset) -> str:
+    """The ensemble whose START request carries a saved speaker profile (later requests: ensemble_name)."""
+    return f"diarizer_{preset.name}_from_profile"
+
+
+def preset_models(preset: Preset) -> Tuple[str, ...]:
+    """Every model a preset adds to a repository."""
+    return (preprocessor_name(preset), sortformer_name(preset), ensemble_name(preset), resume_ensemble_name(preset))
 
 
 def preprocessor_name(preset: Preset) -> str:
@@ -122,6 +154,13 @@ ERR_FEATURES_RANGE = 64  # FEATURES beyond +-MAX_ABS_FEATURE
 ERR_FEATURE_LENGTH = 128  # FEATURE_LENGTH outside 0..the window's mel frames
 ERR_LEFT_CONTEXT = 256  # LEFT_CONTEXT outside 0..the preset's left context
 ERR_CHUNK_INDEX = 512  # CHUNK_INDEX outside 0..MAX_CHUNK_INDEX
+# ... and its speaker profile inputs (a refused START starts from an empty state; the postprocessor refuses the
+# stream until END: its audio already went in)
+MAX_ABS_PROFILE = 1.0e4  # embeddings of real audio stay far inside; a corrupt file's garbage rarely does
+ERR_PROFILE_FLAGS = 1024  # unknown PROFILE_HEADER flags, or a restore on a request without START
+ERR_PROFILE_SIZE = 2048  # PROFILE does not have profile_size(preset, D) values
+ERR_PROFILE_ORIGIN = 4096  # another format version, or saved by another model or preset (fingerprint)
+ERR_PROFILE_STATE = 8192  # lengths out of range, values not finite or beyond MAX_ABS_PROFILE, preds outside [0, 1]
 
 INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
     (ERR_LENGTH_NEGATIVE, "AUDIO_LENGTH is negative"),
@@ -136,6 +175,12 @@ INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
     (ERR_FEATURE_LENGTH, "FEATURE_LENGTH is outside 0..the mel frames of the feature window"),
     (ERR_LEFT_CONTEXT, "LEFT_CONTEXT is outside 0..the preset's left context"),
     (ERR_CHUNK_INDEX, "CHUNK_INDEX is outside 0..2**40"),
+    (ERR_PROFILE_FLAGS, "PROFILE_HEADER flags are unknown, or restore a profile on a request that is not START"),
+    (ERR_PROFILE_SIZE, "PROFILE does not hold this preset's profile size (spkcache, preds, FIFO, silence profile)"),
+    (ERR_PROFILE_ORIGIN, "the speaker profile was saved by another model or preset, or in another format version "
+                         "(its fingerprint does not match this graph's)"),
+    (ERR_PROFILE_STATE, "the speaker profile is corrupt: lengths out of range, values not finite or beyond "
+                        "+-1e4, or predictions outside [0, 1]"),
 )
 
 
@@ -188,6 +233,8 @@ def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
             Tensor(FEATURE_LENGTH, "int64", (1,)),
             Tensor(LEFT_CONTEXT, "int64", (1,)),
             Tensor(CHUNK_INDEX, "int64", (1,)),
+            Tensor(PROFILE, "float32", (-1,)),
+            Tensor(PROFILE_HEADER, "int64", (PROFILE_HEADER_LEN,)),
         ],
         outputs=[
             Tensor(CONFIRMED, "float32", (p.chunk_len, N_SPEAKERS)),
@@ -196,6 +243,8 @@ def sortformer_io(p: Preset, emb_dim: int) -> ModelIO:
             Tensor(N_TENTATIVE, "int32", (1,)),
             Tensor(FRAME_OFFSET, "int64", (1,)),
             Tensor(FEATURE_ERROR, "int32", (1,)),
+            Tensor(SAVED_PROFILE, "float32", (-1,)),
+            Tensor(SAVED_PROFILE_HEADER, "int64", (PROFILE_HEADER_LEN,)),
         ],
         states=[
             Tensor("spkcache", "float32", (p.spkcache_len, emb_dim)),
@@ -227,7 +276,8 @@ def segment_rows(chunk_len: int) -> int:
 # spread over several steps a request for some of them ran the stateful steps and skipped the postprocessor
 # (or deadlocked); with every output made by one last step, a subset is only a filter.
 STEP_PREFIX = "STEP_"
-PASSED_THROUGH: Tuple[str, ...] = (CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED)
+PASSED_THROUGH: Tuple[str, ...] = (CONFIRMED, N_CONFIRMED, TENTATIVE, N_TENTATIVE, FRAME_OFFSET, FINISHED,
+                                   SAVED_PROFILE, SAVED_PROFILE_HEADER)
 
 
 def step_tensor(name: str) -> str:
@@ -237,9 +287,12 @@ def step_tensor(name: str) -> str:
 
 def admission_io() -> ModelIO:
     """AUDIO_LENGTH in, the same out: the preprocessor step reads it from here, so it runs only on admitted
-    requests (an ensemble stops at a step's error)."""
+    requests (an ensemble stops at a step's error). In ``diarizer_<preset>`` it also makes the sortformer's
+    profile inputs: no profile, and the save flag of the request's ``save_profile`` parameter."""
     return ModelIO(inputs=[AUDIO_LENGTH_TENSOR],
-                   outputs=[dataclasses.replace(AUDIO_LENGTH_TENSOR, name=ADMITTED_AUDIO_LENGTH)])
+                   outputs=[dataclasses.replace(AUDIO_LENGTH_TENSOR, name=ADMITTED_AUDIO_LENGTH),
+                            Tensor(ADMITTED_PROFILE, "float32", (-1,)),
+                            Tensor(ADMITTED_PROFILE_HEADER, "int64", (PROFILE_HEADER_LEN,))])
 
 
 def postprocessor_io() -> ModelIO:
@@ -251,6 +304,8 @@ def postprocessor_io() -> ModelIO:
         Tensor(N_TENTATIVE, "int32", (1,)),
         Tensor(FRAME_OFFSET, "int64", (1,)),
         Tensor(FINISHED, "int32", (1,)),
+        Tensor(SAVED_PROFILE, "float32", (-1,)),
+        Tensor(SAVED_PROFILE_HEADER, "int64", (PROFILE_HEADER_LEN,)),
     ]
     assert tuple(t.name for t in passed) == PASSED_THROUGH
     return ModelIO(
@@ -262,16 +317,19 @@ def postprocessor_io() -> ModelIO:
             # rows: start s, end s, speaker, finalized (1.0) / tentative (0.0); segment_rows(C) of them
             Tensor(SEGMENTS, "float32", (-1, 4)),
             Tensor(N_SEGMENTS, "int32", (1,)),
+            Tensor(SPEAKER_NAMES, "bytes", (N_SPEAKERS,)),
         ],
     )
 
 
-def ensemble_io(p: Preset) -> ModelIO:
-    """What clients send and receive; every output comes from the postprocessor, with the preset's fixed dims."""
+def ensemble_io(p: Preset, resume: bool = False) -> ModelIO:
+    """What clients send and receive; every output comes from the postprocessor, with the preset's fixed dims.
+    ``resume``: the ensemble of a START from a saved profile, which also takes PROFILE and PROFILE_HEADER."""
     pre, sf, post = preprocessor_io(p), sortformer_io(p, 1), postprocessor_io()
     by = {t.name: t for t in post.outputs + sf.outputs + pre.outputs}  # the steps' fixed dims win
     by[SEGMENTS] = Tensor(SEGMENTS, "float32", (segment_rows(p.chunk_len), 4))
-    return ModelIO(inputs=list(pre.inputs), outputs=[by[t.name] for t in post.outputs])
+    inputs = list(pre.inputs) + ([t for t in sf.inputs if t.name in (PROFILE, PROFILE_HEADER)] if resume else [])
+    return ModelIO(inputs=inputs, outputs=[by[t.name] for t in post.outputs])
 
 
 def tensor_table_markdown() -> str:
@@ -290,7 +348,9 @@ def tensor_table_markdown() -> str:
         return "[" + ", ".join(symbols.get(d, str(d)) for d in t.dims) + "]"
 
     rows = ["| model | tensor | kind | dtype | dims (batch dim implied) |", "|---|---|---|---|---|"]
-    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)), (ADMISSION, admission_io()),
+    models = [("diarizer_&lt;preset&gt;", ensemble_io(p)),
+              ("diarizer_&lt;preset&gt;_from_profile", ModelIO(ensemble_io(p, resume=True).inputs[2:], [])),
+              (ADMISSION, admission_io()),
               ("preprocessor_&lt;preset&gt;", preprocessor_io(p)), ("sortformer_&lt;preset&gt;", sortformer_io(p, emb)),
               (POSTPROCESSOR, postprocessor_io())]
     for model, io in models:
@@ -300,11 +360,15 @@ def tensor_table_markdown() -> str:
                 rows.append(f"| {model} | {name} | {kind} | {t.dtype} | {dims(t)} |")
     legend = ("C = chunk_len, R = right_context, W = (left_context + C + R) x 8 mel frames, S = spkcache_len, "
               "F = fifo_len (R and F at least 1), D = encoder width (512 full-size), n = any (the postprocessor "
-              "serves every preset), G = 4 x (floor((C + 32) / 2) + 3) segment rows (every segment one response "
+              "serves every preset; PROFILE / SAVED_PROFILE: P floats, or 1 when none), G = 4 x (floor((C + 32) / 2) + 3) segment rows (every segment one response "
               "can finalize). The stateful graphs also take `START` int32 [1] (Triton's sequence-start "
               "control); the local Python-backend flavour adds `END` int32 [1] and `CORRID` uint64 [1]. The "
               "postprocessor gets the stateful steps' outputs as `STEP_<name>` and passes them on: every "
               "ensemble output comes from that last step, so a request may ask for any subset of them. `admission` "
               "(the first step, shared by every preset) refuses a START with bad segment parameters before the "
-              "stateful models see it; the preprocessor reads AUDIO_LENGTH from it.")
+              "stateful models see it; the preprocessor reads AUDIO_LENGTH from it, the sortformer its "
+              "no-profile PROFILE / PROFILE_HEADER. `diarizer_<preset>_from_profile` is the same ensemble "
+              "with PROFILE (P = S x D + 4 S + F x D + D floats) and PROFILE_HEADER from the client, for the "
+              "START of a stream from a saved speaker profile (it has every output of diarizer_<preset>; "
+              "docs/speakers.md). SPEAKER_NAMES are UTF-8 strings (BYTES), \"\" for an unnamed slot.")
     return "\n".join(rows) + "\n\n" + legend + "\n"

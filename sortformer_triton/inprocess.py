@@ -49,19 +49,44 @@ class StatefulGraph:
         self.states.pop(seq_id, None)
 
 
+Profile = Tuple[np.ndarray, np.ndarray]  # (PROFILE [n] float32, PROFILE_HEADER [6] int64) of one stream
+
+
 @dataclasses.dataclass
 class StreamResult:
     preds: np.ndarray
     features: np.ndarray  # every feature frame the preprocessor produced, in order (chunk part only)
     requests: int
     finished: bool
+    saved: Optional[Profile] = None  # SAVED_PROFILE / _HEADER of the request save_at named
+
+
+def profile_feeds(rows: Sequence[Optional[Profile]], flags: Sequence[int]) -> Dict[str, np.ndarray]:
+    """PROFILE / PROFILE_HEADER of one batch: each row's profile (restore) or none, with its flags; rows
+    without a profile get zeros of the batch's profile length (a batch has one shape, as in Triton)."""
+    n = max([len(r[0]) for r in rows if r is not None] or [1])
+    profile = np.zeros((len(rows), n), np.float32)
+    header = np.zeros((len(rows), contract.PROFILE_HEADER_LEN), np.int64)
+    for k, (row, flag) in enumerate(zip(rows, flags)):
+        if row is not None:
+            profile[k, :len(row[0])] = row[0]
+            header[k] = row[1]
+        header[k, 0] = flag
+    return {contract.PROFILE: profile, contract.PROFILE_HEADER: header}
 
 
 def stream_through(pre: StatefulGraph, step: StatefulGraph, preset: Preset, audios: Sequence[np.ndarray],
-                   start_at: Optional[Sequence[int]] = None) -> List[StreamResult]:
+                   start_at: Optional[Sequence[int]] = None,
+                   profiles: Optional[Sequence[Optional[Profile]]] = None,
+                   save_at: Optional[Sequence[Optional[int]]] = None) -> List[StreamResult]:
     """Stream several recordings concurrently; stream i starts at global step start_at[i]. Every global
-    step batches the requests of all streams active at that step (different ages in one batch)."""
+    step batches the requests of all streams active at that step (different ages in one batch).
+    ``profiles[i]``: stream i STARTs from this saved speaker profile; ``save_at[i]``: stream i saves its
+    profile at this request (-1: the last)."""
     start_at = list(start_at or [0] * len(audios))
+    profiles = list(profiles or [None] * len(audios))
+    save_at = list(save_at or [None] * len(audios))
+    saved: List[Optional[Profile]] = [None] * len(audios)
     plans = [list(iter_steps(preset, a)) for a in audios]
     asm = [PredictionAssembler() for _ in audios]
     feats: List[List[np.ndarray]] = [[] for _ in audios]
@@ -78,8 +103,16 @@ def stream_through(pre: StatefulGraph, step: StatefulGraph, preset: Preset, audi
             contract.AUDIO_LENGTH: np.array([[r.valid] for r in reqs], dtype=contract.AUDIO_LENGTH_TENSOR.dtype),
         })
         step_in = {n: pre_out[n] for n in (contract.FEATURES, contract.FEATURE_LENGTH, contract.LEFT_CONTEXT, contract.CHUNK_INDEX)}
+        ages = [g - start_at[i] for i in rows]
+        saving = [save_at[i] is not None and age == save_at[i] % len(plans[i]) for i, age in zip(rows, ages)]
+        restoring = [profiles[i] if age == 0 else None for i, age in zip(rows, ages)]
+        step_in.update(profile_feeds(restoring, [
+            (contract.PROFILE_RESTORE if r is not None else 0) + (contract.PROFILE_SAVE if s else 0)
+            for r, s in zip(restoring, saving)]))
         out = step.run(ids, starts, step_in)
         for k, i in enumerate(rows):
+            if saving[k]:
+                saved[i] = (out[contract.SAVED_PROFILE][k].copy(), out[contract.SAVED_PROFILE_HEADER][k].copy())
             flen, left = int(pre_out[contract.FEATURE_LENGTH][k, 0]), int(pre_out[contract.LEFT_CONTEXT][k, 0])
             if flen > 0:
                 left_mel = left * 8
@@ -92,8 +125,8 @@ def stream_through(pre: StatefulGraph, step: StatefulGraph, preset: Preset, audi
                 step.end(i + 1)
     return [
         StreamResult(preds=a.confirmed, features=np.concatenate(f) if f else np.zeros((0, 128), np.float32),
-                     requests=len(p), finished=a.finished)
-        for a, f, p in zip(asm, feats, plans)
+                     requests=len(p), finished=a.finished, saved=sv)
+        for a, f, p, sv in zip(asm, feats, plans, saved)
     ]
 
 

@@ -9,7 +9,7 @@ carries END. ``presets.requests_for`` gives the count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List
+from typing import Any, Iterator, List, Mapping, Optional
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class StepRequest:
     valid: int
     start: bool
     end: bool
+    parameters: Optional[Mapping[str, Any]] = None  # this request's own parameters (e.g. ``enroll``)
 
 
 def iter_steps(preset: Preset, audio: np.ndarray) -> Iterator[StepRequest]:

@@ -331,7 +331,7 @@ def _step(model: str, io: ModelIO, inputs: Sequence[str], outputs: Sequence[str]
         input_map={n: renamed.get(n, n) for n in inputs}, output_map={n: renamed.get(n, n) for n in outputs})
 
 
-def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
+def ensemble_model(preset: Preset, opts: Options, resume: bool = False) -> mc.ModelConfig:
     """``diarizer_<preset>``: admission -> preprocessor -> sortformer -> postprocessor (no sequence_batching:
     Triton forbids it on ensembles and forwards the sequence id and flags to the composing models).
 
@@ -342,24 +342,33 @@ def ensemble_model(preset: Preset, opts: Options) -> mc.ModelConfig:
     through, ``contract.PASSED_THROUGH``): Triton 2.51 prunes the steps none of whose outputs a request
     asks for, even when a later step needs them, so outputs made by several steps let a request for some
     of them move the stateful models' state without the postprocessor (or deadlock).
+
+    The sortformer's speaker-profile inputs come from ``admission`` (no profile; the request's
+    ``save_profile`` flag). ``resume``: ``diarizer_<preset>_from_profile``, the same steps with PROFILE and
+    PROFILE_HEADER from the client, for a START from a saved profile (ensemble inputs cannot be optional,
+    so the plain ensemble cannot take them); the stream's later requests go to ``diarizer_<preset>``:
+    both ensembles drive the same stateful models, whose state is per sequence id.
     """
-    io = contract.ensemble_io(preset)
+    io = contract.ensemble_io(preset, resume)
     c = contract
     internal = {name: c.step_tensor(name) for name in c.PASSED_THROUGH}
     post_io = c.postprocessor_io()
+    admitted = [] if resume else [c.ADMITTED_PROFILE, c.ADMITTED_PROFILE_HEADER]
+    profile = {} if resume else {c.PROFILE: c.ADMITTED_PROFILE, c.PROFILE_HEADER: c.ADMITTED_PROFILE_HEADER}
     steps = [
-        _step(c.ADMISSION, c.admission_io(), [c.AUDIO_LENGTH], [c.ADMITTED_AUDIO_LENGTH]),
+        _step(c.ADMISSION, c.admission_io(), [c.AUDIO_LENGTH], [c.ADMITTED_AUDIO_LENGTH] + admitted),
         _step(c.preprocessor_name(preset), c.preprocessor_io(preset),
               [c.AUDIO, c.AUDIO_LENGTH],
               [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.FINISHED, c.INPUT_ERROR],
               {**internal, c.AUDIO_LENGTH: c.ADMITTED_AUDIO_LENGTH}),
         _step(c.sortformer_name(preset), c.sortformer_io(preset, 1),
-              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX],
-              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FEATURE_ERROR], internal),
+              [c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX, c.PROFILE, c.PROFILE_HEADER],
+              [c.CONFIRMED, c.N_CONFIRMED, c.TENTATIVE, c.N_TENTATIVE, c.FRAME_OFFSET, c.FEATURE_ERROR,
+               c.SAVED_PROFILE, c.SAVED_PROFILE_HEADER], {**internal, **profile}),
         _step(c.POSTPROCESSOR, post_io, [t.name for t in post_io.inputs], [t.name for t in post_io.outputs]),
     ]
     return mc.ModelConfig(
-        name=c.ensemble_name(preset),
+        name=c.resume_ensemble_name(preset) if resume else c.ensemble_name(preset),
         platform="ensemble",
         max_batch_size=opts.max_batch_size,
         input=[_input(t) for t in io.inputs],
@@ -425,6 +434,7 @@ def model_configs(
         configs[contract.sortformer_name(p)] = stateful_model(
             contract.sortformer_name(p), contract.sortformer_io(p, emb_dim), flavour, idle, opts)
         configs[contract.ensemble_name(p)] = ensemble_model(p, opts)
+        configs[contract.resume_ensemble_name(p)] = ensemble_model(p, opts, resume=True)
     configs[contract.POSTPROCESSOR] = postprocessor_model(
         {p: idle_of[p.name] for p in chosen}, opts, postprocessor_params)
     configs[contract.ADMISSION] = admission_model(opts, postprocessor_params)
@@ -487,7 +497,8 @@ def _check_tensor(model: str, kind: str, name: str, dtype: int, dims: Sequence[i
                   allow_variable: bool) -> None:
     if not name:
         raise ValueError(f"model {model!r}: {kind} without a name")
-    if dtype in (mc.TYPE_INVALID, mc.TYPE_STRING):
+    # strings (SPEAKER_NAMES) are fine as inputs and outputs; implicit state cannot hold them
+    if dtype == mc.TYPE_INVALID or (dtype == mc.TYPE_STRING and kind == "state"):
         raise ValueError(f"model {model!r}: {kind} {name!r} has unsupported data_type "
                          f"{mc.DataType.Name(dtype)}")
     if not dims:

@@ -17,10 +17,12 @@ Row budget per response (``SegmentPacker``):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .speakers import SpeakerNames
 from .timeline import SegmentParams, Segment, StepResult, Timeline, TimelineError
 
 ROW_FIELDS: Tuple[str, ...] = ("start", "end", "speaker", "finalized")
@@ -83,12 +85,35 @@ class SegmentPacker:
         return pack_segments(sent + list(result.tentative[:room]), self._max_rows)
 
 
-class StreamPostprocessor:
-    """One stream in the postprocessor model: step tensors in, SEGMENTS rows out (Triton-free)."""
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What one request of a stream answers: SEGMENTS rows and the visible frames (meeting frames)."""
 
-    def __init__(self, params: Optional[SegmentParams], max_rows: int) -> None:
+    rows: np.ndarray
+    n_rows: int
+    confirmed: np.ndarray  # the valid visible rows, [n, speakers]
+    tentative: np.ndarray
+    frame_offset: int
+    names: Tuple[str, ...]
+
+    @property
+    def segments(self) -> Tuple[np.ndarray, int]:
+        """(SEGMENTS rows, N_SEGMENTS)."""
+        return self.rows, self.n_rows
+
+
+class StreamPostprocessor:
+    """One stream in the postprocessor model: step tensors in, SEGMENTS rows out (Triton-free).
+
+    ``speakers`` keeps the slot names and the enrollment clips (``sortformer_triton.speakers``): their
+    frames never reach the timeline, and every frame index after them is a meeting frame.
+    """
+
+    def __init__(self, params: Optional[SegmentParams], max_rows: int, chunk_len: int = 1,
+                 names: Optional[Sequence[str]] = None) -> None:
         self.timeline = Timeline(params, keep_history=False)
         self.packer = SegmentPacker(max_rows)
+        self.speakers = SpeakerNames(chunk_len, names)
 
     @property
     def params(self) -> SegmentParams:
@@ -103,18 +128,34 @@ class StreamPostprocessor:
         frame_offset: int,
         finished: bool,
         end: bool,
-    ) -> Tuple[np.ndarray, int]:
+        enroll: Optional[str] = None,
+        overwrite: bool = False,
+    ) -> StepOutput:
         """One request: the valid rows of CONFIRMED / TENTATIVE into the timeline; SEGMENTS rows.
 
-        At END everything is finalized even when the stream did not report FINISHED (a client that
-        stops early still gets its segments).
+        ``enroll`` names the speaker of this request's audio (an enrollment clip's step). At END
+        everything is finalized even when the stream did not report FINISHED (a client that stops early
+        still gets its segments).
         """
+        self.speakers.request(enroll, overwrite)
         conf = valid_rows(confirmed, n_confirmed, "CONFIRMED")
         tent = valid_rows(tentative, n_tentative, "TENTATIVE")
-        result = self.timeline.update(conf, tent, frame_offset, finished)
+        visible, _ = self.speakers.step(conf, tent, frame_offset, finished)
+        result = self.timeline.update(visible.confirmed, visible.tentative, visible.frame_offset, finished)
         if end:
             result = result.then(self.timeline.finalize())
-        return self.packer.pack(result, last=end)
+        rows, n_rows = self.packer.pack(result, last=end)
+        return StepOutput(rows, n_rows, visible.confirmed, visible.tentative, visible.frame_offset,
+                          tuple(self.speakers.names))
+
+
+def pad_rows(rows: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``rows`` ([n, speakers]) at the top of a zero tensor shaped and typed like ``like`` (a leading
+    batch dim of 1 kept)."""
+    out = np.zeros_like(like)
+    view = out[0] if out.ndim == 3 else out
+    view[: len(rows)] = rows
+    return out
 
 
 def valid_rows(rows: np.ndarray, count: int, name: str) -> np.ndarray:

@@ -73,8 +73,7 @@ def preset_repository(tiny_repository: Path, dest: Path, presets: Sequence[Prese
     """A copy of the tiny model's local repository with only ``presets`` (fewer models: a server that
     starts faster), its configs regenerated with the sequence idle timeout and ``options``."""
     root = dest / "local"
-    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name(p) for p in presets for name in
-                                        (contract.preprocessor_name, contract.sortformer_name, contract.ensemble_name)}
+    keep = {contract.POSTPROCESSOR, contract.ADMISSION} | {name for p in presets for name in contract.preset_models(p)}
     shutil.copytree(tiny_repository / "local", root,
                     ignore=lambda d, names: [n for n in names if Path(d) == tiny_repository / "local"
                                              and (Path(d) / n).is_dir() and n not in keep])

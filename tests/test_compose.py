@@ -264,7 +264,7 @@ def test_production_repository_layout(production: Path) -> None:
     names = {p.name for p in production.iterdir() if p.is_dir()}
     expected = {contract.POSTPROCESSOR, contract.ADMISSION}
     for p in PRESETS.values():
-        expected |= {contract.ensemble_name(p), contract.preprocessor_name(p), contract.sortformer_name(p)}
+        expected |= set(contract.preset_models(p))
     assert names == expected
     for name in names:
         config = repository.parse((production / name / "config.pbtxt").read_text())

@@ -187,7 +187,7 @@ def check_segments(run: StreamRun, params: Optional[SegmentParams] = None) -> No
     reported: List[Segment] = []
     for update in run.updates:
         rows, n = replay.step(update.confirmed, update.n_confirmed, update.tentative, update.n_tentative,
-                              update.frame_offset, update.finished, end=update.end)
+                              update.frame_offset, update.finished, end=update.end).segments
         assert n < rows_per_response, "the replay comparison needs responses below the row budget"
         expected = unpack_segments(rows, n)
         got = list(update.finalized_segments) + list(update.tentative_segments)

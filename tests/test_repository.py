@@ -44,7 +44,7 @@ def _state_pairs(config: mc.ModelConfig) -> List[Tuple[str, str]]:
 def test_every_model_is_generated(configs) -> None:
     expected = {contract.POSTPROCESSOR, contract.ADMISSION}
     for p in ALL:
-        expected |= {contract.preprocessor_name(p), contract.sortformer_name(p), contract.ensemble_name(p)}
+        expected |= set(contract.preset_models(p))
     for flavour in repository.FLAVOURS:
         assert set(configs[flavour]) == expected
         assert all(name == c.name for name, c in configs[flavour].items())
@@ -67,7 +67,7 @@ def test_checked_in_tree_equals_generator() -> None:
 
 def test_checked_in_configs_parse() -> None:
     paths = sorted(repository.REPOSITORY_ROOT.glob("*/*/config.pbtxt"))
-    assert len(paths) == 2 * (3 * len(ALL) + 2)  # per preset 3, plus postprocessor and admission
+    assert len(paths) == 2 * (4 * len(ALL) + 2)  # per preset 4, plus postprocessor and admission
     for path in paths:
         config = text_format.Parse(path.read_text(), mc.ModelConfig())
         assert config.name == path.parent.name
@@ -107,7 +107,7 @@ def test_stale_and_missing_models_are_detected(tmp_path: Path) -> None:
 def test_write_configs_creates_version_dirs(tmp_path: Path) -> None:
     written = repository.write_configs(tmp_path, "production", [PRESETS["low"]], 16)
     assert sorted(p.parent.name for p in written) == [
-        "admission", "diarizer_low", "postprocessor", "preprocessor_low", "sortformer_low"]
+        "admission", "diarizer_low", "diarizer_low_from_profile", "postprocessor", "preprocessor_low", "sortformer_low"]
     for path in written:
         assert (path.parent / "1").is_dir(), "ensembles need an (empty) version dir too"
         assert (path.parent / "1" / repository.KEEP_FILE).exists()
@@ -334,19 +334,22 @@ def test_postprocessor_overrides() -> None:
 # ---- ensembles ----------------------------------------------------------------------------------------
 def test_ensemble_wiring(configs) -> None:
     for flavour, by_name in configs.items():
-        for p in ALL:
-            ens = by_name[contract.ensemble_name(p)]
+        for p, resume in [(p, resume) for p in ALL for resume in (False, True)]:
+            ens = by_name[contract.resume_ensemble_name(p) if resume else contract.ensemble_name(p)]
             assert ens.platform == "ensemble" and not ens.HasField("sequence_batching")
-            io = contract.ensemble_io(p)
-            assert [t.name for t in ens.input] == [t.name for t in io.inputs]
+            io = contract.ensemble_io(p, resume)
+            assert [t.name for t in ens.input] == [t.name for t in io.inputs] == ["AUDIO", "AUDIO_LENGTH"] + (
+                ["PROFILE", "PROFILE_HEADER"] if resume else [])
             assert [t.name for t in ens.output] == [
                 "CONFIRMED", "N_CONFIRMED", "TENTATIVE", "N_TENTATIVE", "FRAME_OFFSET", "FINISHED",
-                "SEGMENTS", "N_SEGMENTS"]
+                "SAVED_PROFILE", "SAVED_PROFILE_HEADER", "SEGMENTS", "N_SEGMENTS", "SPEAKER_NAMES"]
             steps = ens.ensemble_scheduling.step
             assert [s.model_name for s in steps] == [
                 contract.ADMISSION, contract.preprocessor_name(p), contract.sortformer_name(p), contract.POSTPROCESSOR]
             # the preprocessor runs only on admitted requests; every output comes from the last step
             assert steps[1].input_map[contract.AUDIO_LENGTH] == contract.ADMITTED_AUDIO_LENGTH
+            # the profile: from the client (a START from a saved profile) or none, from admission
+            assert steps[2].input_map[contract.PROFILE] == ("PROFILE" if resume else contract.ADMITTED_PROFILE)
             assert set(steps[-1].output_map.values()) == {t.name for t in ens.output}
             produced = {t.name: (t.data_type, list(t.dims)) for t in ens.input}
             for step in steps:
@@ -364,7 +367,8 @@ def test_ensemble_wiring(configs) -> None:
                 have = produced[t.name]
                 assert have[0] == t.data_type and len(have[1]) == len(t.dims), (flavour, t.name)
                 assert all(a == b or a == -1 for a, b in zip(have[1], t.dims)), (flavour, t.name)
-            assert list(ens.output[6].dims) == [contract.segment_rows(p.chunk_len), 4]
+            segments = next(t for t in ens.output if t.name == contract.SEGMENTS)
+            assert list(segments.dims) == [contract.segment_rows(p.chunk_len), 4]
 
 
 def test_presets_the_shared_postprocessor_cannot_tell_apart_are_refused() -> None:

@@ -548,19 +548,19 @@ def test_stream_rows_deliver_every_finalized_segment_once_in_order(
         tent_rows = np.zeros((right, N_SPEAKERS), np.float32)
         tent_rows[: len(tent)] = tent
         rows, n = post.step(conf_rows[None], np.array([[size]], np.int32), tent_rows[None],
-                            np.array([[len(tent)]], np.int32), offset, finished=False, end=False)
+                            np.array([[len(tent)]], np.int32), offset, finished=False, end=False).segments
         offset += size
         delivered += [s for s in unpack_segments(rows, n) if s.finalized]
     expected = segments_from_probs(probs, params)
     empty = np.zeros((chunk, N_SPEAKERS), np.float32)
     while post.packer.pending:  # flush steps carry the finals that did not fit
-        rows, n = post.step(empty, 0, empty, 0, offset, finished=False, end=False)
+        rows, n = post.step(empty, 0, empty, 0, offset, finished=False, end=False).segments
         delivered += [s for s in unpack_segments(rows, n) if s.finalized]
     if len(expected) - len(delivered) > max_rows:
         with pytest.raises(SegmentOverflowError, match="last response"):
             post.step(empty, 0, empty, 0, offset, finished=False, end=True)
         return
-    rows, n = post.step(empty, 0, empty, 0, offset, finished=False, end=True)
+    rows, n = post.step(empty, 0, empty, 0, offset, finished=False, end=True).segments
     delivered += unpack_segments(rows, n)
     assert all(s.finalized for s in delivered)
     assert len(set(map(row_key, delivered))) == len(delivered)
@@ -585,9 +585,9 @@ def test_stream_postprocessor_finalizes_at_end_without_finished() -> None:
     post = StreamPostprocessor(SegmentParams(), segment_rows(6))
     probs = np.zeros((6, N_SPEAKERS), np.float32)
     probs[1:, 2] = 0.9  # still speaking when the client stops
-    rows, n = post.step(probs, 6, probs[:0], 0, 0, finished=False, end=False)
+    rows, n = post.step(probs, 6, probs[:0], 0, 0, finished=False, end=False).segments
     assert [s.finalized for s in unpack_segments(rows, n)] == [False]
-    rows, n = post.step(probs[:0], 0, probs[:0], 0, 6, finished=False, end=True)
+    rows, n = post.step(probs[:0], 0, probs[:0], 0, 6, finished=False, end=True).segments
     got = unpack_segments(rows, n)
     assert [(s.speaker, s.finalized) for s in got] == [(2, True)]
     assert got[0].start == pytest.approx(FS) and got[0].end == pytest.approx(6 * FS)

@@ -93,7 +93,9 @@ def test_every_exported_output_is_static_but_the_batch_dim(production: Path) -> 
             assert set(got) == set(want), model
             for name, dims in want.items():
                 assert isinstance(got[name][0], str), f"{model} {name}: batch dim {got[name][0]}"
-                assert got[name][1:] == list(dims), f"{model} {name}: {got[name]} vs [batch, *{list(dims)}]"
+                # a variable contract dim (SAVED_PROFILE) is symbolic, every other one static
+                shape = [-1 if isinstance(d, str) else d for d in got[name][1:]]
+                assert shape == list(dims), f"{model} {name}: {got[name]} vs [batch, *{list(dims)}]"
             proto = onnx.load(str(_graph_path(production, model)), load_external_data=False)
             assert proto.ir_version <= validator.MAX_IR_VERSION
             assert {o.domain: o.version for o in proto.opset_import} == {"": 17}
@@ -189,8 +191,9 @@ def test_state_names_that_triton_pairs_crosswise_are_refused(copy: Path) -> None
     def graph(proto: onnx.ModelProto) -> None:
         for value in proto.graph.output:
             value.name = renames.get(value.name, value.name)
-        for node in proto.graph.node:
+        for node in proto.graph.node:  # the new state is also read inside the graph (SAVED_PROFILE)
             node.output[:] = [renames.get(o, o) for o in node.output]
+            node.input[:] = [renames.get(i, i) for i in node.input]
 
     def config(cfg) -> None:
         for s in cfg.sequence_batching.state:
@@ -204,16 +207,17 @@ def test_state_names_that_triton_pairs_crosswise_are_refused(copy: Path) -> None
 
 def test_config_io_the_graph_does_not_have_is_refused(copy: Path) -> None:
     def extra(config) -> None:
-        config.output.add(name="SPEAKER_NAMES", data_type=repository.mc.TYPE_FP32, dims=[4])
-        config.input.add(name="PROFILE", data_type=repository.mc.TYPE_FP32, dims=[4])
+        config.output.add(name="SPEAKER_EMBEDDINGS", data_type=repository.mc.TYPE_FP32, dims=[4])
+        config.input.add(name="REFERENCE_AUDIO", data_type=repository.mc.TYPE_FP32, dims=[4])
 
     _edit_config(copy, SORTFORMER, extra)
     violations = _rules(copy)
     assert {(v.model, v.rule) for v in violations} == {(SORTFORMER, "output"), (SORTFORMER, "input"),
                                                        (SORTFORMER, "input-count")}, violations
     text = "\n".join(map(str, violations))
-    assert "unexpected inference output 'SPEAKER_NAMES'" in text and "unexpected inference input 'PROFILE'" in text
-    assert "configuration expects 13 inputs, model provides 12" in text
+    assert "unexpected inference output 'SPEAKER_EMBEDDINGS'" in text and \
+        "unexpected inference input 'REFERENCE_AUDIO'" in text
+    assert "configuration expects 15 inputs, model provides 14" in text
 
 
 def test_a_control_input_the_graph_lacks_and_a_static_batch_dim_are_refused(copy: Path) -> None:
@@ -353,10 +357,12 @@ def test_every_production_graph_loads_and_runs_in_onnxruntime_1_19_2(production:
             continue
         dtype = lambda t: repository.mc.DataType.Name(t.data_type)  # noqa: E731
         path = str(config_path.parent / "1" / config.default_model_filename)
-        inputs = {t.name: (dtype(t), list(t.dims)) for t in config.input}
+        # a variable dim is fed 1 (PROFILE: no profile) and comes out 1 (SAVED_PROFILE: no row saves)
+        fixed = lambda dims: [1 if d == -1 else d for d in dims]  # noqa: E731
+        inputs = {t.name: (dtype(t), fixed(t.dims)) for t in config.input}
         inputs.update({s.input_name: (dtype(s), list(s.dims)) for s in config.sequence_batching.state})
         specs.append({"path": path, "inputs": inputs})
-        want = {t.name: [[2, *t.dims], np_names[dtype(t)]] for t in config.output}
+        want = {t.name: [[2, *fixed(t.dims)], np_names[dtype(t)]] for t in config.output}
         want.update({s.output_name: [[2, *s.dims], np_names[dtype(s)]] for s in config.sequence_batching.state})
         expected[path] = want
     assert len(specs) == 2 * len(PRESETS)

@@ -29,6 +29,7 @@ from clients.sortformer_client import (
     DiarizationError,
     Result,
     load_audio,
+    load_named_clips,
     read_rttm,
     safe_uri,
     write_json,
@@ -68,6 +69,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds to wait for each response (default %(default)s)")
     group.add_argument("--max-in-flight", type=int, default=4,
                        help="grpc-stream only: requests of one stream on the wire at once (default 4)")
+    names = parser.add_argument_group("named speakers")
+    names.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
+                       help="play CLIP (one voice, >= 1 s of speech) first and name the slot that takes it "
+                            "NAME; repeatable, in order")
     seg = parser.add_argument_group("segments (sent to the postprocessor; default: the server's config)")
     for name, kind, text in SEGMENT_OPTIONS:
         seg.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
@@ -218,7 +223,7 @@ def write_outputs(result: Result, uri: str, out_dir: Path, png: bool = True, pro
     """<out>/<uri>.rttm, <uri>.json and (unless png=False) <uri>.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{uri}.rttm", out_dir / f"{uri}.json"]
-    write_rttm(paths[0], uri, result.segments)
+    write_rttm(paths[0], uri, result.segments, result.speaker_names)
     write_json(paths[1], result, uri, include_probs=probs, extra=extra)
     if png:
         from .plot import plot_result
@@ -252,7 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         files = collect_files(args.inputs)
-    except ValueError as exc:
+        clips = load_named_clips(args.enroll)
+    except (ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE
     client = _client(args)
@@ -281,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             def step(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            result = client.diarize(audio, rate, progress=step, segment_params=params)
+            result = client.diarize(audio, rate, progress=step, segment_params=params, enroll=clips)
             outcome.result = result
             outcome.seconds = time.perf_counter() - t0
             extra = {"audio": {"path": os.fspath(path), "sample_rate": rate},
@@ -318,7 +324,8 @@ def _print_run_summary(outcomes: Sequence[FileOutcome], out_dir: Path) -> None:
             table.add_row(o.path.name, "-", "-", "-", f"{o.seconds:.2f}", "-", f"error: {o.error}")
             continue
         rtf = o.seconds / r.duration_s if r.duration_s > 0 else float("nan")
-        table.add_row(o.path.name, f"{r.duration_s:.2f}", str(len(r.speakers)), str(len(r.segments)),
+        speakers = ", ".join(r.label(k) for k in r.speakers) or "0"
+        table.add_row(o.path.name, f"{r.duration_s:.2f}", speakers, str(len(r.segments)),
                       f"{o.seconds:.2f}", f"{rtf:.3f}", f"error: {o.error}" if o.error else "ok")
     _console(stderr=False).print(table)
 
@@ -397,14 +404,14 @@ def cmd_live(args: argparse.Namespace) -> int:
             blocks = wav_blocks(os.fspath(args.input_wav), pace=not args.no_pace, seconds=args.seconds)
         else:
             blocks = microphone_blocks(args.device, args.sample_rate, seconds=args.seconds)
-        result = run_live(client, blocks)
+        result = run_live(client, blocks, enroll=load_named_clips(args.enroll))
     except (DiarizationError, RuntimeError, ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE
     finally:
         client.close()
     err.print(f"{result.duration_s:.1f} s streamed, {len(result.segments)} segments, "
-              f"speakers {', '.join(str(s) for s in result.speakers) or 'none'}")
+              f"speakers {', '.join(result.label(s) for s in result.speakers) or 'none'}")
     if args.out is not None:
         for path in write_outputs(result, safe_uri(args.name), args.out):
             err.print(f"wrote {path}")

@@ -11,7 +11,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional, TextIO
+from typing import Callable, Iterator, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
@@ -67,13 +67,16 @@ def microphone_blocks(device: Optional[str], sample_rate: int, block_seconds: fl
 
 
 def run_live(client: DiarizationClient, blocks: Iterator[tuple], out: TextIO = sys.stdout,
-             on_update: Optional[Callable[[Update], None]] = None) -> Result:
-    """Stream the blocks; print each finalized segment once, when it is finalized; the final result."""
+             on_update: Optional[Callable[[Update], None]] = None,
+             enroll: Sequence[Tuple[str, np.ndarray, int]] = ()) -> Result:
+    """Stream the blocks (after the enrollment clips); print each finalized segment once, when it is
+    finalized, with its speaker's name; the final result."""
     def report(update: Update) -> None:
+        names = update.speaker_names
         for seg in update.finalized_segments:
-            out.write(f"{seg.start:9.2f} {seg.end:9.2f}  {speaker_label(seg.speaker)}\n")
+            out.write(f"{seg.start:9.2f} {seg.end:9.2f}  {speaker_label(seg.speaker, names)}\n")
         if out.isatty():
-            view = " ".join(f"{speaker_label(s.speaker)}@{s.start:.1f}-{s.end:.1f}"
+            view = " ".join(f"{speaker_label(s.speaker, names)}@{s.start:.1f}-{s.end:.1f}"
                             for s in update.tentative_segments[-3:])
             out.write(f"\r  frames {update.tentative_offset:6d}  tentative: {view[:60]:60s}\r")
         out.flush()
@@ -81,6 +84,11 @@ def run_live(client: DiarizationClient, blocks: Iterator[tuple], out: TextIO = s
             on_update(update)
 
     with client.open_stream(on_update=report) as stream:
+        for name, clip, rate in enroll:
+            stream.enroll(name, clip, rate)
+        if enroll:
+            out.write("enrolled: " + ", ".join(f"{n} -> slot {k}" for k, n in enumerate(stream.speaker_names) if n)
+                      + " (the last clip is decided with the first responses)\n")
         try:
             for samples, rate in blocks:
                 stream.feed(samples, rate)

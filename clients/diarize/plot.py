@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from clients.sortformer_client.results import Result, speaker_label
+from clients.sortformer_client.results import Result
 from sortformer_triton.presets import N_SPEAKERS
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
@@ -39,7 +39,7 @@ def plot_result(result: Result, path: os.PathLike | str, title: Optional[str] = 
         ax.set_ylim(-0.02, 1.1)
         ax.set_xlim(0.0, duration)
         ax.set_yticks([0.0, 0.5, 1.0])
-        ax.set_ylabel(speaker_label(k), rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_ylabel(result.label(k), rotation=0, ha="right", va="center", fontsize=9)
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel("time (s)")
     n_seg = len(result.segments)

@@ -50,6 +50,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS/WSS with this certificate (browsers "
                                                               "allow the microphone only on https or localhost)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key")
+    parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
+                        help="every stream first plays CLIP and names the slot that takes it NAME (repeatable): "
+                             "the page shows the names")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -75,7 +78,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     from .app import page_origins
 
     get_preset(args.preset)  # PresetError (a ValueError) names the known presets
-    return GatewayConfig(triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
+    from clients.sortformer_client import load_named_clips, resample_to_16k
+
+    enroll = tuple((name, resample_to_16k(audio, rate)) for name, audio, rate in load_named_clips(args.enroll))
+    return GatewayConfig(enroll=enroll, triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
                          max_streams=args.max_streams, max_connections=args.max_connections,
                          max_pending_seconds=args.max_pending_seconds,
                          idle_seconds=args.idle_seconds, connection_idle_seconds=args.connection_idle_seconds,

@@ -14,7 +14,6 @@ import contextlib
 import logging
 from pathlib import Path
 from typing import AsyncIterator, Optional, Tuple
-from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request

@@ -102,7 +102,7 @@ class Connection:
             await self._error(messages.BUSY, f"the gateway already serves {self.gateway.config.max_streams} "
                                              "streams; try again later", False)
             return
-        stream = GatewayStream(client, start)
+        stream = GatewayStream(client, start, self.gateway.config.enroll)
         try:
             await stream.open()
         except Exception as exc:  # noqa: BLE001 -- reported to the browser
@@ -112,7 +112,8 @@ class Connection:
         self._stream, self._stopping, self._pending_samples, self._ended_why = stream, False, 0, ""
         self._queue = asyncio.Queue()
         log.info("stream %d started (preset %s, %d Hz)", stream.sequence_id, start.preset, start.sample_rate)
-        await self._send(messages.started_message(client.preset, stream.sequence_id, start.sample_rate))
+        await self._send(messages.started_message(client.preset, stream.sequence_id, start.sample_rate,
+                                                  stream.speaker_names))
         self._pump_task = asyncio.create_task(self._pump(stream, self._queue))
 
     async def _on_stop(self) -> None:

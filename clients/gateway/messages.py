@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -143,10 +143,11 @@ def decode_pcm(data: bytes) -> np.ndarray:
 
 
 # ---- gateway -> browser ---------------------------------------------------------------------------
-def segment_json(segment: Segment) -> Dict[str, Any]:
-    """A segment in seconds (float32 values carried exactly), with its speaker slot and label."""
+def segment_json(segment: Segment, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """A segment in seconds (float32 values carried exactly), with its speaker slot and label (the slot's
+    name, or speaker_<k>)."""
     return {"start": float(segment.start), "end": float(segment.end), "speaker": int(segment.speaker),
-            "label": speaker_label(segment.speaker)}
+            "label": speaker_label(segment.speaker, names)}
 
 
 def latest_probabilities(update: Update) -> Optional[Tuple[int, List[float]]]:
@@ -158,7 +159,8 @@ def latest_probabilities(update: Update) -> Optional[Tuple[int, List[float]]]:
     return None
 
 
-def started_message(preset: Preset, sequence_id: int, sample_rate: int) -> Dict[str, Any]:
+def started_message(preset: Preset, sequence_id: int, sample_rate: int,
+                    speaker_names: Sequence[str] = ("",) * N_SPEAKERS) -> Dict[str, Any]:
     return {
         "type": "started",
         "protocol": PROTOCOL_VERSION,
@@ -169,6 +171,7 @@ def started_message(preset: Preset, sequence_id: int, sample_rate: int) -> Dict[
         "n_speakers": N_SPEAKERS,
         "step_seconds": preset.step_seconds,
         "latency_seconds": preset.latency_seconds,
+        "speaker_names": list(speaker_names),
     }
 
 
@@ -183,8 +186,9 @@ def update_message(update: Update, sequence_id: int) -> Dict[str, Any]:
         "confirmed": update.confirmed.tolist(),
         "tentative_offset": update.tentative_offset,
         "tentative": update.tentative.tolist(),
-        "finalized_segments": [segment_json(s) for s in update.finalized_segments],
-        "tentative_segments": [segment_json(s) for s in update.tentative_segments],
+        "finalized_segments": [segment_json(s, update.speaker_names) for s in update.finalized_segments],
+        "tentative_segments": [segment_json(s, update.speaker_names) for s in update.tentative_segments],
+        "speaker_names": list(update.speaker_names),
         "probabilities": latest[1] if latest else None,
         "probabilities_frame": latest[0] if latest else None,
         "frames_confirmed": update.tentative_offset,  # the stream's confirmed frames, this update's included
@@ -206,7 +210,8 @@ def result_message(result: Result) -> Dict[str, Any]:
         "frame_seconds": result.frame_seconds,
         "requests": result.requests,
         "finished": result.finished,
-        "segments": [segment_json(s) for s in segments],
+        "segments": [segment_json(s, result.speaker_names) for s in segments],
+        "speaker_names": list(result.speaker_names),
         "probabilities": result.probs.tolist(),
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from clients.sortformer_client import DiarizationClient, DiarizationError, normalize_url
 
@@ -29,6 +29,8 @@ class GatewayConfig:
     idle_seconds: float = 30.0  # a stream without audio for this long is ended ('idle'), freeing its slot
     connection_idle_seconds: float = 60.0  # a connection without a stream for this long is closed ('idle')
     allowed_origins: Tuple[str, ...] = ()  # browser origins allowed (the gateway's own page included)
+    # (name, 16 kHz samples): enrollment clips every stream plays first, so its page shows these names
+    enroll: Tuple[Tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triton_url", normalize_url(self.triton_url, "grpc"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -49,9 +49,11 @@ def error_code(exc: BaseException) -> str:
 class GatewayStream:
     """A ``Stream`` of the client library plus the one thread that drives it."""
 
-    def __init__(self, client: DiarizationClient, start: Start) -> None:
+    def __init__(self, client: DiarizationClient, start: Start,
+                 enroll: Sequence[Tuple[str, np.ndarray]] = ()) -> None:
         self.client = client
         self.start = start
+        self.enroll = tuple(enroll)
         self._stream: Optional[Stream] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                thread_name_prefix="gateway-stream")
@@ -61,6 +63,10 @@ class GatewayStream:
     def sequence_id(self) -> int:
         return self._require().sequence_id
 
+    @property
+    def speaker_names(self) -> Tuple[str, ...]:
+        return self._require().speaker_names
+
     async def open(self) -> None:
         """Check that Triton serves the preset (``ServerUnavailable`` / ``ModelUnavailable``), then open
         the stream (nothing is sent to Triton before the first full step of audio)."""
@@ -68,6 +74,8 @@ class GatewayStream:
             await self._call(self.client.check)
             self._stream = await self._call(self.client.open_stream,
                                             segment_params=self.start.segment_params or None)
+            for name, clip in self.enroll:  # the gateway's enrollment clips, before the browser's audio
+                await self._call(self._stream.enroll, name, clip, 16000)
         except BaseException:
             self._shutdown()
             raise

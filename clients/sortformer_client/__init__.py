@@ -18,7 +18,7 @@ Public API::
 """
 from sortformer_triton.timeline import Segment
 
-from .audio import Resampler, load_audio, resample_to_16k, resampled_length, to_mono_float32
+from .audio import Resampler, load_audio, load_named_clips, resample_to_16k, resampled_length, to_mono_float32
 from .chunker import StepChunker
 from .client import DEFAULT_TIMEOUT_S, DiarizationClient, Stream, new_sequence_id
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
@@ -30,7 +30,7 @@ from .transport import PROTOCOLS, normalize_url
 __all__ = [
     "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "NO_RETRY", "PROTOCOLS",
     "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable", "StepChunker", "Stream",
-    "StreamError", "Turn", "Update", "load_audio", "new_sequence_id", "normalize_url", "parse_rttm",
+    "StreamError", "Turn", "Update", "load_audio", "load_named_clips", "new_sequence_id", "normalize_url", "parse_rttm",
     "read_rttm", "resample_to_16k", "resampled_length", "rttm_lines", "safe_uri", "speaker_label",
     "to_mono_float32", "write_json", "write_rttm",
 ]

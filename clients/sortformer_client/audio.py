@@ -8,7 +8,7 @@ so how a caller splits its audio never changes what the server sees. A recording
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -137,3 +137,21 @@ def audio_extensions() -> Tuple[str, ...]:
 
     formats = set(soundfile.available_formats())
     return tuple(sorted(ext for ext, fmt in _EXTENSION_FORMATS.items() if fmt in formats))
+
+
+def load_named_clips(items: Sequence[str]) -> List[Tuple[str, np.ndarray, int]]:
+    """``NAME=CLIP`` options (``--enroll``) loaded: (name, samples, sample_rate); ValueError names the bad one."""
+    from sortformer_triton.speakers import check_name
+
+    clips = []
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not path:
+            raise ValueError(f"--enroll takes NAME=CLIP, got {item!r}")
+        check_name(name)
+        try:
+            audio, rate = load_audio(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--enroll {name}: {exc}") from None
+        clips.append((name, audio, rate))
+    return clips

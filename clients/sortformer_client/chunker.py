@@ -9,7 +9,7 @@ arbitrary splits against ``iter_steps``).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List, Mapping, Optional
 
 import numpy as np
 
@@ -69,6 +69,25 @@ class StepChunker:
         self._pending_samples = int(rest.size)
         return out
 
+    def push_clip(self, samples: np.ndarray, parameters: Mapping[str, Any]) -> List[StepRequest]:
+        """A whole clip (e.g. an enrollment clip), zero-padded to full steps, each step carrying
+        ``parameters``; only at a step boundary (no partial step pending)."""
+        if self._finished:
+            raise ValueError("the stream's audio already ended (finish was called)")
+        if self._pending_samples:
+            raise ValueError(f"a clip must start at a step boundary; {self._pending_samples} samples of a step "
+                             f"are pending")
+        arr = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if not arr.size:
+            raise ValueError("the clip has no samples")
+        step = self.preset.step_samples
+        n = -(-arr.size // step)
+        padded = np.zeros(n * step, np.float32)
+        padded[:arr.size] = arr
+        self._samples += n * step
+        return [self._step(padded[k * step:(k + 1) * step], step, end=False, parameters=parameters)
+                for k in range(n)]
+
     def finish(self) -> List[StepRequest]:
         """The recording ended: the partial last step, the flush steps, END on the last one."""
         if self._finished:
@@ -91,7 +110,9 @@ class StepChunker:
             out.append(self._step(buf, valid, end=k == remaining - 1))
         return out
 
-    def _step(self, audio: np.ndarray, valid: int, end: bool) -> StepRequest:
-        req = StepRequest(audio=audio, valid=valid, start=self._requests == 0, end=end)
+    def _step(self, audio: np.ndarray, valid: int, end: bool,
+              parameters: Optional[Mapping[str, Any]] = None) -> StepRequest:
+        req = StepRequest(audio=audio, valid=valid, start=self._requests == 0, end=end,
+                          parameters=dict(parameters) if parameters else None)
         self._requests += 1
         return req

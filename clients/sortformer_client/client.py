@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import threading
 import time
@@ -32,12 +33,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import numpy as np
 
 from sortformer_triton import contract, server_flags
-from sortformer_triton.presets import PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
+from sortformer_triton.presets import N_SPEAKERS, PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
 from sortformer_triton.segments_codec import unpack_segments
+from sortformer_triton.speakers import (ENROLL_OVERWRITE_PARAMETER, ENROLL_PARAMETER, SPEAKER_NAMES_PARAMETER,
+                                        check_name, check_names)
 from sortformer_triton.timeline import Segment, parse_segment_params
 
-from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k
+from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k, to_mono_float32
 from .chunker import StepChunker
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
 from .results import Result, Update
@@ -57,6 +60,7 @@ DEFAULT_TIMEOUT_S = 60.0
 SEQUENCE_ID_BITS = 63
 
 UpdateCallback = Callable[["Update"], None]
+EnrollmentClip = Tuple[str, np.ndarray, int]  # (name, samples, sample_rate)
 ProgressCallback = Callable[[int, int], None]  # (requests answered, requests in all)
 
 
@@ -75,7 +79,8 @@ class Stream:
     """
 
     def __init__(self, client: "DiarizationClient", transport: Transport, sequence_id: int,
-                 parameters: Dict[str, Any], on_update: Optional[UpdateCallback]) -> None:
+                 parameters: Dict[str, Any], on_update: Optional[UpdateCallback],
+                 names: Optional[Sequence[str]] = None) -> None:
         self._client = client
         self._transport = transport
         self.sequence_id = sequence_id
@@ -86,6 +91,9 @@ class Stream:
         self._resampler: Optional[Resampler] = None
         self._assembler = PredictionAssembler()
         self._segments: List[Segment] = []
+        self._names: Tuple[str, ...] = tuple(check_names(names)) if names is not None else ("",) * N_SPEAKERS
+        self._enrolled_samples = 0  # the padded samples of the enrollment clips
+        self._clips: List[str] = []
         self._responses = 0
         self._ended = False  # END was sent and answered
         self._closed = False  # the transport is released
@@ -101,8 +109,13 @@ class Stream:
 
     @property
     def samples_sent(self) -> int:
-        """16 kHz samples taken so far (sent, or waiting for the rest of their step)."""
-        return self._chunker.samples
+        """16 kHz meeting samples taken so far (sent, or waiting for the rest of their step)."""
+        return self._chunker.samples - self._enrolled_samples
+
+    @property
+    def speaker_names(self) -> Tuple[str, ...]:
+        """The slots' names as the server last reported them ("" = unnamed)."""
+        return self._names
 
     @property
     def requests_sent(self) -> int:
@@ -131,6 +144,29 @@ class Stream:
         return self._closed
 
     # ---- audio in -----------------------------------------------------------------------------
+    def enroll(self, name: str, samples: np.ndarray, sample_rate: int = SAMPLE_RATE,
+               overwrite: bool = False) -> List[Update]:
+        """Play a named speaker's clip through the stream before the meeting (``sortformer_triton.speakers``).
+
+        The clip (one voice, at least ~1 s of speech) is resampled on its own and zero-padded to whole
+        steps; every step carries the parameter ``enroll=name``. Call it before the first ``feed``; its
+        frames never appear in the outputs (the meeting starts at frame 0). The server names the slot that
+        took the clip once all its frames are confirmed (with the next clip or the meeting's first
+        responses); a clip no slot clearly took refuses the stream (``StreamError``).
+        """
+        self._check_open()
+        check_name(name, "enrollment name")
+        if self._resampler is not None or self._chunker.samples > self._enrolled_samples:
+            raise ValueError("enrollment clips must come before the meeting audio (the first feed)")
+        clip = resample_to_16k(to_mono_float32(samples), check_sample_rate(sample_rate))
+        params: Dict[str, Any] = {ENROLL_PARAMETER: name}
+        if overwrite:
+            params[ENROLL_OVERWRITE_PARAMETER] = True
+        steps = self._chunker.push_clip(clip, params)
+        self._enrolled_samples += len(steps) * self.preset.step_samples
+        self._clips.append(name)
+        return self._send(steps)
+
     def feed(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> List[Update]:
         """Send the complete steps of audio that ``samples`` completes; their updates, in order.
 
@@ -164,12 +200,13 @@ class Stream:
         result = Result(
             sequence_id=self.sequence_id,
             preset=self.preset.name,
-            n_samples=self._chunker.samples,
+            n_samples=self.samples_sent,
             probs=self._assembler.confirmed,
             segments=tuple(self._segments),
             requests=self._responses,
             finished=self._assembler.finished,
             tail_updates=tuple(updates),
+            speaker_names=self._names,
         )
         self._result = result
         return result
@@ -276,6 +313,10 @@ class Stream:
         except ValueError as exc:
             raise StreamError(f"response {raw.index} of sequence {self.sequence_id} breaks the stream "
                               f"protocol: {exc}", self.sequence_id, raw.index) from None
+        names = out.get(contract.SPEAKER_NAMES)
+        if names is not None:
+            self._names = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n)
+                                for n in np.asarray(names, dtype=object).reshape(-1))
         final = tuple(s for s in segments if s.finalized)
         self._segments.extend(final)
         self._responses += 1
@@ -289,6 +330,7 @@ class Stream:
             finished=finished,
             end=step.end,
             latency_s=raw.latency_s,
+            speaker_names=self._names,
         )
 
 
@@ -409,20 +451,26 @@ class DiarizationClient:
 
     # ---- streams --------------------------------------------------------------------------------
     def open_stream(self, sequence_id: Optional[int] = None, segment_params: Optional[Dict[str, Any]] = None,
-                    on_update: Optional[UpdateCallback] = None) -> Stream:
+                    on_update: Optional[UpdateCallback] = None,
+                    speaker_names: Optional[Sequence[str]] = None) -> Stream:
         """A new stream (Triton sequence). ``sequence_id`` defaults to a fresh random 63-bit id; give one
         only to replay a sequence (e.g. tests). ``segment_params`` (onset, offset, pad_onset,
         pad_offset, min_duration_on, min_duration_off, median_filter_frames) go to the postprocessor as
-        request parameters of the START request. ``on_update`` is called with every ``Update``."""
+        request parameters of the START request. ``on_update`` is called with every ``Update``.
+        ``speaker_names`` (N_SPEAKERS names, "" = unnamed) names the slots from the start; enrollment
+        clips (``Stream.enroll``) name them from the audio."""
         params = check_parameters(segment_params)
         parse_segment_params(segment_params or {})  # the server's bounds: refused here, before any request
+        if speaker_names is not None:
+            speaker_names = check_names(list(speaker_names))
+            params[SPEAKER_NAMES_PARAMETER] = json.dumps(speaker_names)
         sequence_id = self._reserve_id(sequence_id)
         try:
             transport = self._open_transport()
         except BaseException:
             self._forget(sequence_id)
             raise
-        return Stream(self, transport, sequence_id, params, on_update)
+        return Stream(self, transport, sequence_id, params, on_update, speaker_names)
 
     def _reserve_id(self, sequence_id: Optional[int]) -> int:
         """A sequence id not open on this client: ``sequence_id``, or a fresh random one."""
@@ -463,13 +511,17 @@ class DiarizationClient:
     # ---- whole recordings -----------------------------------------------------------------------
     def diarize(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE,
                 progress: Optional[ProgressCallback] = None, segment_params: Optional[Dict[str, Any]] = None,
-                sequence_id: Optional[int] = None) -> Result:
+                sequence_id: Optional[int] = None, enroll: Sequence[EnrollmentClip] = (),
+                speaker_names: Optional[Sequence[str]] = None) -> Result:
         """Stream a whole recording through one sequence and return its ``Result``.
 
         ``progress(done, total)`` is called after every response (``total`` = requests of the stream).
+        ``enroll``: (name, samples, sample_rate) clips played first (``Stream.enroll``).
         """
         audio16 = resample_to_16k(audio, sample_rate)  # checks the rate and the samples (to_mono_float32)
-        total = requests_for(self.preset, int(audio16.size))
+        clips = [(name, resample_to_16k(samples, rate)) for name, samples, rate in enroll]
+        clip_steps = sum(-(-c.size // self.preset.step_samples) for _, c in clips)
+        total = requests_for(self.preset, int(audio16.size) + clip_steps * self.preset.step_samples)
         answered = [0]
 
         def on_update(update: Update) -> None:
@@ -478,19 +530,23 @@ class DiarizationClient:
                 progress(answered[0], total)
 
         with self.open_stream(sequence_id=sequence_id, segment_params=segment_params,
-                              on_update=on_update) as stream:
+                              on_update=on_update, speaker_names=speaker_names) as stream:
+            for name, clip in clips:
+                stream.enroll(name, clip, SAMPLE_RATE)
             stream.feed(audio16, SAMPLE_RATE)
             return stream.close()
 
     def diarize_file(self, source: Union[PathLike, np.ndarray], sample_rate: Optional[int] = None,
                      progress: Optional[ProgressCallback] = None,
-                     segment_params: Optional[Dict[str, Any]] = None) -> Result:
+                     segment_params: Optional[Dict[str, Any]] = None, enroll: Sequence[EnrollmentClip] = (),
+                     speaker_names: Optional[Sequence[str]] = None) -> Result:
         """Diarize an audio file (any format libsndfile reads) or an array (``sample_rate`` defaults to
         16000 for arrays; for files it is read from the file)."""
         if isinstance(source, np.ndarray):
-            return self.diarize(source, sample_rate or SAMPLE_RATE, progress, segment_params)
-        audio, rate = load_audio(source)
-        return self.diarize(audio, rate, progress, segment_params)
+            audio, rate = source, sample_rate or SAMPLE_RATE
+        else:
+            audio, rate = load_audio(source)
+        return self.diarize(audio, rate, progress, segment_params, enroll=enroll, speaker_names=speaker_names)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

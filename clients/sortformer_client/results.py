@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class Update:
     finished: bool  # every frame of the stream is confirmed
     end: bool  # this was the stream's last request (END)
     latency_s: float  # request sent -> response received
+    speaker_names: Tuple[str, ...] = ("",) * N_SPEAKERS  # the slots' names after this response ("" = unnamed)
 
     @property
     def n_confirmed(self) -> int:
@@ -57,6 +58,11 @@ class Result:
     finished: bool
     frame_seconds: float = FRAME_SECONDS
     tail_updates: Tuple[Update, ...] = ()  # the updates of the requests ``close`` sent
+    speaker_names: Tuple[str, ...] = ("",) * N_SPEAKERS  # the slots' names ("" = unnamed: speaker_<k>)
+
+    def label(self, speaker: int) -> str:
+        """The RTTM / JSON label of a slot: its name, or ``speaker_<k>``."""
+        return speaker_label(speaker, self.speaker_names)
 
     @property
     def duration_s(self) -> float:
@@ -90,7 +96,8 @@ class Result:
             "n_speakers": N_SPEAKERS,
             "finished": self.finished,
             "requests": self.requests,
-            "segments": [segment_dict(s) for s in sorted(self.segments, key=_time_order)],
+            "speaker_names": list(self.speaker_names),
+            "segments": [segment_dict(s, self.speaker_names) for s in sorted(self.segments, key=_time_order)],
         })
         if include_probs:
             out["probabilities"] = [[round(float(v), 6) for v in row] for row in self.probs]
@@ -99,18 +106,21 @@ class Result:
         return out
 
 
-def speaker_label(speaker: int) -> str:
-    """RTTM / JSON label of a speaker slot: ``speaker_<k>``."""
-    return f"speaker_{int(speaker)}"
+def speaker_label(speaker: int, names: Optional[Sequence[str]] = None) -> str:
+    """RTTM / JSON label of a speaker slot: its name when ``names`` has one, else ``speaker_<k>``."""
+    k = int(speaker)
+    if names is not None and 0 <= k < len(names) and names[k]:
+        return str(names[k])
+    return f"speaker_{k}"
 
 
-def segment_dict(segment: Segment) -> Dict[str, Any]:
+def segment_dict(segment: Segment, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return {
         "start": round(float(segment.start), 6),
         "end": round(float(segment.end), 6),
         "duration": round(float(segment.end - segment.start), 6),
         "speaker": int(segment.speaker),
-        "label": speaker_label(segment.speaker),
+        "label": speaker_label(segment.speaker, names),
     }
 
 

@@ -5,7 +5,8 @@ RTTM (NIST Rich Transcription Time Marked), one line per speaker turn, ten space
     SPEAKER <uri> 1 <start s> <duration s> <NA> <NA> <speaker label> <NA> <NA>
 
 Times are written with millisecond precision. ``uri`` must not contain whitespace (it is replaced by
-``_``). Speaker labels are ``speaker_<k>`` for the model's speaker slot ``k``.
+``_``). Speaker labels are the slot's name (``sortformer_triton.speakers``: no whitespace) or
+``speaker_<k>`` for the model's unnamed speaker slot ``k``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from sortformer_triton.timeline import Segment
 
@@ -43,21 +44,22 @@ def safe_uri(name: str) -> str:
     return cleaned or "recording"
 
 
-def rttm_lines(uri: str, segments: Iterable[Segment]) -> List[str]:
-    """RTTM SPEAKER lines of ``segments`` (sorted by start, then speaker)."""
+def rttm_lines(uri: str, segments: Iterable[Segment], names: Optional[Sequence[str]] = None) -> List[str]:
+    """RTTM SPEAKER lines of ``segments`` (sorted by start, then speaker), labelled with ``names``."""
     uri = safe_uri(uri)
     lines = []
     for seg in sorted(segments, key=lambda s: (s.start, s.speaker, s.end)):
         duration = max(0.0, float(seg.end) - float(seg.start))
         lines.append(
             f"SPEAKER {uri} 1 {float(seg.start):.3f} {duration:.3f} <NA> <NA> "
-            f"{speaker_label(seg.speaker)} <NA> <NA>"
+            f"{speaker_label(seg.speaker, names)} <NA> <NA>"
         )
     return lines
 
 
-def write_rttm(path: PathLike, uri: str, segments: Iterable[Segment]) -> None:
-    lines = rttm_lines(uri, segments)
+def write_rttm(path: PathLike, uri: str, segments: Iterable[Segment],
+               names: Optional[Sequence[str]] = None) -> None:
+    lines = rttm_lines(uri, segments, names)
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("".join(line + "\n" for line in lines))
 

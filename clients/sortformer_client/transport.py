@@ -30,7 +30,7 @@ DEFAULT_PORTS = {"grpc": 8001, "grpc-stream": 8001, "http": 8000}
 
 OUTPUT_NAMES: Tuple[str, ...] = (
     contract.CONFIRMED, contract.N_CONFIRMED, contract.TENTATIVE, contract.N_TENTATIVE,
-    contract.FRAME_OFFSET, contract.FINISHED, contract.SEGMENTS, contract.N_SEGMENTS,
+    contract.FRAME_OFFSET, contract.FINISHED, contract.SEGMENTS, contract.N_SEGMENTS, contract.SPEAKER_NAMES,
 )
 
 # request parameters Triton reserves for itself (tritonclient refuses them)
@@ -91,6 +91,13 @@ def check_parameters(parameters: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         else:
             raise ValueError(f"request parameter {key!r} must be a bool, int, float or str, got {value!r}")
     return out
+
+
+def request_parameters(step: StepRequest, stream: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """What one request carries: the stream's parameters on START, and the step's own (``enroll``)."""
+    out = dict(stream) if step.start else {}
+    out.update(step.parameters or {})
+    return out or None
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class GrpcTransport(Transport):
                     self.model, _make_inputs(self._module, step, binary=False), outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
                     sequence_end=step.end, client_timeout=self.timeout, headers=sequence_headers(sequence_id),
-                    parameters=parameters if step.start and parameters else None,
+                    parameters=request_parameters(step, parameters),
                 )
                 outputs = _outputs(result)
             except Exception as exc:  # noqa: BLE001 - converted, with Triton's message
@@ -237,7 +244,7 @@ class HttpTransport(Transport):
                     self.model, _make_inputs(self._module, step, binary=True), outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
                     sequence_end=step.end, headers={**self._headers, **sequence_headers(sequence_id)},
-                    parameters=parameters if step.start and parameters else None,
+                    parameters=request_parameters(step, parameters),
                 )
                 outputs = _outputs(result)
             except Exception as exc:  # noqa: BLE001
@@ -292,7 +299,7 @@ class GrpcStreamTransport(Transport):
             self._client.async_stream_infer(
                 self.model, _make_inputs(self._module, step, binary=False), outputs=self._outputs,
                 request_id=request_id, sequence_id=sequence_id, sequence_start=step.start,
-                sequence_end=step.end, parameters=parameters if step.start and parameters else None,
+                sequence_end=step.end, parameters=request_parameters(step, parameters),
             )
         except Exception as exc:  # noqa: BLE001
             self._broken = True

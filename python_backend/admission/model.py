@@ -7,7 +7,9 @@ client that never sends END would hold it that long (16 refused STARTs blocked a
 An ensemble stops at a step's error, and the preprocessor step reads ``ADMITTED_AUDIO_LENGTH`` from here,
 so a refused request moves no state anywhere.
 
-Plumbing only: AUDIO_LENGTH in, the same values out as ADMITTED_AUDIO_LENGTH. No sequence batcher (START
+Plumbing only: AUDIO_LENGTH in, the same values out as ADMITTED_AUDIO_LENGTH, and the sortformer's
+speaker-profile inputs of ``diarizer_<preset>``: no profile (one zero) and the save flag of the request's
+``save_profile`` parameter (``sortformer_triton.profiles``). No sequence batcher (START
 comes from the request's ``flags()``, forwarded by the ensemble), no state. Refusals are Triton
 ``INVALID_ARG`` errors (gRPC INVALID_ARGUMENT, HTTP 400).
 """
@@ -18,6 +20,7 @@ import os
 import sys
 from typing import Any, Dict, List
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -32,6 +35,8 @@ _honour_pythonpath()
 
 from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.sequences import config_parameters  # noqa: E402
+from sortformer_triton.profiles import parse_save_profile  # noqa: E402
+from sortformer_triton.speakers import parse_enroll, parse_stream_names  # noqa: E402
 from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
 
 
@@ -49,15 +54,28 @@ class TritonPythonModel:
         return [self._respond(request) for request in requests]
 
     def _respond(self, request: Any) -> Any:
+        start = False
         try:
-            if request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
-                request_segment_params(request.parameters(), self.params)
+            start = bool(request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
+            text = request.parameters()
+            if start:
+                request_segment_params(text, self.params)
+                parse_stream_names(text)
+            parse_enroll(text)  # every request: a bad name refused here moves no state
+            save = parse_save_profile(text)
             length = pb_utils.get_input_tensor_by_name(request, contract.AUDIO_LENGTH)
             if length is None:
                 raise ValueError(f"input {contract.AUDIO_LENGTH} is missing")
         except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
+            what = ("START refused before the sequence started (no state or slot taken; send START again)"
+                    if start else "request refused before any state moved (the stream may go on)")
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                f"{contract.ADMISSION}: START refused before the sequence started (no state or slot taken; "
-                f"send START again): {exc}", pb_utils.TritonError.INVALID_ARG))
+                f"{contract.ADMISSION}: {what}: {exc}", pb_utils.TritonError.INVALID_ARG))
+        lengths = length.as_numpy()
+        rows = lengths.shape[:-1]  # [1] batched, [] not
+        header = np.zeros(rows + (contract.PROFILE_HEADER_LEN,), np.int64)
+        header[..., 0] = contract.PROFILE_SAVE if save else 0
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(contract.ADMITTED_AUDIO_LENGTH, length.as_numpy())])
+            pb_utils.Tensor(contract.ADMITTED_AUDIO_LENGTH, lengths),
+            pb_utils.Tensor(contract.ADMITTED_PROFILE, np.zeros(rows + (1,), np.float32)),  # no profile
+            pb_utils.Tensor(contract.ADMITTED_PROFILE_HEADER, header)])

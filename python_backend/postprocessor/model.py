@@ -49,7 +49,8 @@ _honour_pythonpath()
 
 from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
-from sortformer_triton.segments_codec import StreamPostprocessor  # noqa: E402
+from sortformer_triton.segments_codec import StreamPostprocessor, pad_rows  # noqa: E402
+from sortformer_triton.speakers import parse_enroll, parse_stream_names  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
 from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
 
@@ -95,24 +96,34 @@ class TritonPythonModel:
     # ---- one request ------------------------------------------------------------------------------
     def _respond(self, request: Any) -> Any:
         try:
-            rows, n_rows, passed = self._run(request)
+            out, passed = self._run(request)
         except ValueError as exc:  # the request's fault: invalid argument (gRPC INVALID_ARGUMENT, HTTP 400)
             return pb_utils.InferenceResponse(
                 output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {exc}", self.invalid_arg))
         except Exception as exc:  # every failure becomes this request's error, never the batch's
             return pb_utils.InferenceResponse(
                 output_tensors=[], error=pb_utils.TritonError(f"postprocessor: {type(exc).__name__}: {exc}"))
-        n = np.array([n_rows], np.int32)
+        rows, n = out.rows, np.array([out.n_rows], np.int32)
+        names = np.array([name.encode("utf-8") for name in out.names], dtype=np.object_)
         if self.batched:
-            rows, n = rows[None], n[None]
+            rows, n, names = rows[None], n[None], names[None]
+        # the visible frames: an enrollment clip's frames are taken out, meeting frames count from 0
+        passed.update({
+            contract.CONFIRMED: pad_rows(out.confirmed, passed[contract.CONFIRMED]),
+            contract.N_CONFIRMED: np.full_like(passed[contract.N_CONFIRMED], len(out.confirmed)),
+            contract.TENTATIVE: pad_rows(out.tentative, passed[contract.TENTATIVE]),
+            contract.N_TENTATIVE: np.full_like(passed[contract.N_TENTATIVE], len(out.tentative)),
+            contract.FRAME_OFFSET: np.full_like(passed[contract.FRAME_OFFSET], out.frame_offset),
+        })
         # every ensemble output comes from here (contract.PASSED_THROUGH): a request for some of them is a filter
         passed_through = [pb_utils.Tensor(name, np.ascontiguousarray(passed[name])) for name in contract.PASSED_THROUGH]
         return pb_utils.InferenceResponse(output_tensors=passed_through + [
             pb_utils.Tensor(contract.SEGMENTS, np.ascontiguousarray(rows)),
             pb_utils.Tensor(contract.N_SEGMENTS, n),
+            pb_utils.Tensor(contract.SPEAKER_NAMES, names),
         ])
 
-    def _run(self, request: Any) -> Tuple[np.ndarray, int, Dict[str, np.ndarray]]:
+    def _run(self, request: Any) -> Tuple[Any, Dict[str, np.ndarray]]:
         corrid = request.correlation_id()
         if not corrid:
             raise ValueError("the request has no sequence id (correlation id): send it as part of a sequence")
@@ -124,9 +135,12 @@ class TritonPythonModel:
         chunk_len = confirmed.shape[-2]
         store = self._store(f"{chunk_len},{tentative.shape[-2]}")  # one postprocessor, every preset
         try:
+            text = request.parameters()
             if start:
-                params = request_segment_params(request.parameters(), self.params)
-                stream = store.start(corrid, lambda: StreamPostprocessor(params, contract.segment_rows(chunk_len)))
+                params = request_segment_params(text, self.params)
+                names = parse_stream_names(text)
+                stream = store.start(corrid, lambda: StreamPostprocessor(
+                    params, contract.segment_rows(chunk_len), chunk_len, names))
             else:
                 stream = store.get(corrid)
                 if stream is None:
@@ -134,7 +148,8 @@ class TritonPythonModel:
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
                         f"ended, or it was idle > {store.ttl_seconds:g} s and expired")
             _refuse_bad_audio(request, end, chunk_len)
-            rows, n_rows = stream.step(
+            enroll, overwrite = parse_enroll(text)
+            out = stream.step(
                 confirmed=confirmed,
                 n_confirmed=passed[contract.N_CONFIRMED],
                 tentative=tentative,
@@ -142,8 +157,10 @@ class TritonPythonModel:
                 frame_offset=int(passed[contract.FRAME_OFFSET].reshape(-1)[0]),
                 finished=bool(passed[contract.FINISHED].reshape(-1)[0]),
                 end=end,
+                enroll=enroll,
+                overwrite=overwrite,
             )
-            return rows, n_rows, passed
+            return out, passed
         finally:
             if end:
                 store.pop(corrid)

@@ -175,10 +175,12 @@
       state.sequenceId = msg.sequence_id;
       state.frameSeconds = msg.frame_seconds;
       state.latencySeconds = msg.latency_seconds;
+      setNames(msg.speaker_names);
       setStatus("streaming", `streaming at ${state.sampleRate} Hz, preset ${msg.preset} ` +
         `(latency ${msg.latency_seconds.toFixed(2)} s), sequence ${msg.sequence_id}`);
       if (capture) capture.connect(sendPcm);
     } else if (msg.type === "update") {
+      setNames(msg.speaker_names);
       onUpdate(msg);
     } else if (msg.type === "result") {
       state.result = {
@@ -291,7 +293,7 @@
       ctx.fillStyle = COLORS[s];
       ctx.fillRect(6, barTop(s) + 8, 12, 12);
       ctx.fillStyle = "#1d2430";
-      ctx.fillText(`speaker_${s}`, 22, barTop(s) + 14);
+      ctx.fillText(speakerName(s), 22, barTop(s) + 14);
     }
     // time grid
     const step = niceStep(t1 - t0, plotWidth);
@@ -362,12 +364,26 @@
     state.drawn = drawn;
   }
 
+  // slot names from the server ("" = unnamed: speaker_<k>); the page shows them everywhere
+  function speakerName(s) {
+    return (state.names && state.names[s]) || `speaker_${s}`;
+  }
+
+  function setNames(names) {
+    if (!Array.isArray(names)) return;
+    state.names = names.slice();
+    for (let s = 0; s < N_SPEAKERS; s++) {
+      const el = $(`prob-name-${s}`);
+      if (el) el.textContent = speakerName(s);
+    }
+  }
+
   function buildProbabilityBars() {
     const box = $("probs");
     for (let s = 0; s < N_SPEAKERS; s++) {
       const row = document.createElement("div");
       row.className = "prob";
-      row.innerHTML = `<span class="name" style="color:${COLORS[s]}">speaker_${s}</span>` +
+      row.innerHTML = `<span class="name" id="prob-name-${s}" style="color:${COLORS[s]}">speaker_${s}</span>` +
         `<div class="bar"><div class="fill" id="prob-fill-${s}" style="background:${COLORS[s]}"></div></div>` +
         `<span class="value" id="prob-value-${s}">0.00</span>`;
       box.appendChild(row);
