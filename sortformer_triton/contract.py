@@ -161,6 +161,7 @@ ERR_PROFILE_FLAGS = 1024  # unknown PROFILE_HEADER flags, or a restore on a requ
 ERR_PROFILE_SIZE = 2048  # PROFILE does not have profile_size(preset, D) values
 ERR_PROFILE_ORIGIN = 4096  # another format version, or saved by another model or preset (fingerprint)
 ERR_PROFILE_STATE = 8192  # lengths out of range, values not finite or beyond MAX_ABS_PROFILE, preds outside [0, 1]
+PROFILE_ERRORS = ERR_PROFILE_FLAGS | ERR_PROFILE_SIZE | ERR_PROFILE_ORIGIN | ERR_PROFILE_STATE
 
 INPUT_ERRORS: Tuple[Tuple[int, str], ...] = (
     (ERR_LENGTH_NEGATIVE, "AUDIO_LENGTH is negative"),

@@ -9,7 +9,7 @@ carries END. ``presets.requests_for`` gives the count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class StepRequest:
     start: bool
     end: bool
     parameters: Optional[Mapping[str, Any]] = None  # this request's own parameters (e.g. ``enroll``)
+    profile: Optional[Tuple[np.ndarray, np.ndarray]] = None  # PROFILE, PROFILE_HEADER of a START from a profile
 
 
 def iter_steps(preset: Preset, audio: np.ndarray) -> Iterator[StepRequest]:

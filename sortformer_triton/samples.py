@@ -8,7 +8,7 @@ speaker turns come back with the audio, so DER can be computed against them.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,16 +68,26 @@ def _converse(seconds: float, n_speakers: int, seed: int, overlap: float, noise_
     return np.clip(audio, -1, 1).astype(np.float32), turns
 
 
+def _voices(n_speakers: int, voices: Optional[Sequence[int]], available: int) -> List[int]:
+    chosen = list(range(n_speakers)) if voices is None else [int(v) for v in voices]
+    if len(chosen) != n_speakers or not all(0 <= v < available for v in chosen):
+        raise ValueError(f"voices must be {n_speakers} voice indices in 0..{available - 1}, got {voices!r}")
+    return chosen
+
+
 def conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: float = 0.15,
-                 noise_db: float = -60.0) -> Tuple[np.ndarray, List[Turn]]:
-    """A conversation of `seconds` with `n_speakers` (1..4), its audio in [-1, 1] and its turns."""
+                 noise_db: float = -60.0, voices: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, List[Turn]]:
+    """A conversation of `seconds` with `n_speakers` (1..4), its audio in [-1, 1] and its turns. ``voices``:
+    the voice of each speaker (default speaker k speaks in voice k), e.g. ``n_speakers=1, voices=[2]`` for
+    a monologue of voice 2 (an enrollment clip)."""
     if not 1 <= n_speakers <= 4:
         raise ValueError("n_speakers must be 1..4")
+    chosen = _voices(n_speakers, voices, len(VOICES))
 
     def speak(rng: np.random.Generator, spk: int, start: float) -> Tuple[np.ndarray, float]:
         end = min(start + rng.uniform(0.8, 3.5), seconds)
         a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
-        return (0.25 * _voice(rng, b - a, spk) if b > a else np.zeros(0)), end
+        return (0.25 * _voice(rng, b - a, chosen[spk]) if b > a else np.zeros(0)), end
 
     return _converse(seconds, n_speakers, seed, overlap, noise_db, speak, (0.1, 1.2))
 
@@ -138,15 +148,17 @@ def _voiced_span(audio: np.ndarray, threshold_db: float = -40.0) -> Tuple[int, i
 
 
 def espeak_conversation(seconds: float, n_speakers: int = 3, seed: int = 0, overlap: float = 0.15,
-                        noise_db: float = -60.0) -> Tuple[np.ndarray, List[Turn]]:
+                        noise_db: float = -60.0,
+                        voices: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, List[Turn]]:
     """Like :func:`conversation`, with espeak-ng speech: sentences in 1..4 voices of different pitch, rate and
     loudness, pauses and overlaps. Turns are the voiced span of each utterance. Needs espeak-ng and sox."""
     if not 1 <= n_speakers <= len(ESPEAK_VOICES):
         raise ValueError(f"n_speakers must be 1..{len(ESPEAK_VOICES)}")
+    chosen = _voices(n_speakers, voices, len(ESPEAK_VOICES))
     n = int(round(seconds * SAMPLE_RATE))
 
     def speak(rng: np.random.Generator, spk: int, start: float) -> Tuple[np.ndarray, float]:
-        voice, pitch, wpm, gain_db = ESPEAK_VOICES[spk]
+        voice, pitch, wpm, gain_db = ESPEAK_VOICES[chosen[spk]]
         words = rng.choice(_WORDS, size=int(rng.integers(3, 14)))
         clip = _synthesize(" ".join(words), voice, pitch, wpm)
         a, b = _voiced_span(clip)

@@ -28,6 +28,7 @@ from clients.sortformer_client import (
     DiarizationClient,
     DiarizationError,
     Result,
+    SpeakerProfile,
     load_audio,
     load_named_clips,
     read_rttm,
@@ -73,6 +74,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     names.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
                        help="play CLIP (one voice, >= 1 s of speech) first and name the slot that takes it "
                             "NAME; repeatable, in order")
+    names.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                       help="start every stream from this saved speaker profile (.npz, with its names)")
+    names.add_argument("--save-profile", action="store_true",
+                       help="save each stream's final speaker state as <out>/<uri>.profile.npz")
     seg = parser.add_argument_group("segments (sent to the postprocessor; default: the server's config)")
     for name, kind, text in SEGMENT_OPTIONS:
         seg.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
@@ -220,7 +225,8 @@ def unique_uris(files: Sequence[Path]) -> List[str]:
 
 def write_outputs(result: Result, uri: str, out_dir: Path, png: bool = True, probs: bool = True,
                   extra: Optional[Dict[str, object]] = None) -> List[Path]:
-    """<out>/<uri>.rttm, <uri>.json and (unless png=False) <uri>.png."""
+    """<out>/<uri>.rttm, <uri>.json, (unless png=False) <uri>.png and (when the stream saved one) the
+    speaker profile <uri>.profile.npz."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{uri}.rttm", out_dir / f"{uri}.json"]
     write_rttm(paths[0], uri, result.segments, result.speaker_names)
@@ -229,7 +235,9 @@ def write_outputs(result: Result, uri: str, out_dir: Path, png: bool = True, pro
         from .plot import plot_result
 
         paths.append(out_dir / f"{uri}.png")
-        plot_result(result, paths[2], title=uri)
+        plot_result(result, paths[-1], title=uri)
+    if result.profile is not None:
+        paths.append(result.profile.save(out_dir / f"{uri}.profile.npz"))
     return paths
 
 
@@ -258,6 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         files = collect_files(args.inputs)
         clips = load_named_clips(args.enroll)
+        profile = SpeakerProfile.load(args.profile) if args.profile is not None else None
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE
@@ -287,7 +296,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             def step(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            result = client.diarize(audio, rate, progress=step, segment_params=params, enroll=clips)
+            result = client.diarize(audio, rate, progress=step, segment_params=params, enroll=clips,
+                                    profile=profile, save_profile=args.save_profile)
             outcome.result = result
             outcome.seconds = time.perf_counter() - t0
             extra = {"audio": {"path": os.fspath(path), "sample_rate": rate},
@@ -404,7 +414,9 @@ def cmd_live(args: argparse.Namespace) -> int:
             blocks = wav_blocks(os.fspath(args.input_wav), pace=not args.no_pace, seconds=args.seconds)
         else:
             blocks = microphone_blocks(args.device, args.sample_rate, seconds=args.seconds)
-        result = run_live(client, blocks, enroll=load_named_clips(args.enroll))
+        profile = SpeakerProfile.load(args.profile) if args.profile is not None else None
+        result = run_live(client, blocks, enroll=load_named_clips(args.enroll), profile=profile,
+                          save_profile=args.save_profile)
     except (DiarizationError, RuntimeError, ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE

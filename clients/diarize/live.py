@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from clients.sortformer_client import DiarizationClient, Result, Update, load_audio, speaker_label
+from clients.sortformer_client import DiarizationClient, Result, SpeakerProfile, Update, load_audio, speaker_label
 
 BLOCK_SECONDS = 0.1
 
@@ -68,7 +68,8 @@ def microphone_blocks(device: Optional[str], sample_rate: int, block_seconds: fl
 
 def run_live(client: DiarizationClient, blocks: Iterator[tuple], out: TextIO = sys.stdout,
              on_update: Optional[Callable[[Update], None]] = None,
-             enroll: Sequence[Tuple[str, np.ndarray, int]] = ()) -> Result:
+             enroll: Sequence[Tuple[str, np.ndarray, int]] = (), profile: Optional[SpeakerProfile] = None,
+             save_profile: bool = False) -> Result:
     """Stream the blocks (after the enrollment clips); print each finalized segment once, when it is
     finalized, with its speaker's name; the final result."""
     def report(update: Update) -> None:
@@ -83,7 +84,7 @@ def run_live(client: DiarizationClient, blocks: Iterator[tuple], out: TextIO = s
         if on_update is not None:
             on_update(update)
 
-    with client.open_stream(on_update=report) as stream:
+    with client.open_stream(on_update=report, profile=profile) as stream:
         for name, clip, rate in enroll:
             stream.enroll(name, clip, rate)
         if enroll:
@@ -94,4 +95,4 @@ def run_live(client: DiarizationClient, blocks: Iterator[tuple], out: TextIO = s
                 stream.feed(samples, rate)
         except KeyboardInterrupt:
             out.write("\nstopping ...\n")
-        return stream.close()
+        return stream.close(save_profile=save_profile)

@@ -53,6 +53,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--enroll", action="append", default=[], metavar="NAME=CLIP",
                         help="every stream first plays CLIP and names the slot that takes it NAME (repeatable): "
                              "the page shows the names")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="every stream starts from this saved speaker profile (.npz), with its names")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -78,10 +80,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     from .app import page_origins
 
     get_preset(args.preset)  # PresetError (a ValueError) names the known presets
-    from clients.sortformer_client import load_named_clips, resample_to_16k
+    from clients.sortformer_client import SpeakerProfile, load_named_clips, resample_to_16k
 
     enroll = tuple((name, resample_to_16k(audio, rate)) for name, audio, rate in load_named_clips(args.enroll))
-    return GatewayConfig(enroll=enroll, triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
+    profile = SpeakerProfile.load(args.profile) if args.profile else None
+    return GatewayConfig(enroll=enroll, profile=profile, triton_url=args.triton_url, default_preset=args.preset, timeout_s=args.timeout,
                          max_streams=args.max_streams, max_connections=args.max_connections,
                          max_pending_seconds=args.max_pending_seconds,
                          idle_seconds=args.idle_seconds, connection_idle_seconds=args.connection_idle_seconds,

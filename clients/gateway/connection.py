@@ -102,7 +102,7 @@ class Connection:
             await self._error(messages.BUSY, f"the gateway already serves {self.gateway.config.max_streams} "
                                              "streams; try again later", False)
             return
-        stream = GatewayStream(client, start, self.gateway.config.enroll)
+        stream = GatewayStream(client, start, self.gateway.config.enroll, self.gateway.config.profile)
         try:
             await stream.open()
         except Exception as exc:  # noqa: BLE001 -- reported to the browser

@@ -31,6 +31,7 @@ class GatewayConfig:
     allowed_origins: Tuple[str, ...] = ()  # browser origins allowed (the gateway's own page included)
     # (name, 16 kHz samples): enrollment clips every stream plays first, so its page shows these names
     enroll: Tuple[Tuple[str, Any], ...] = ()
+    profile: Any = None  # a SpeakerProfile every stream starts from (its preset only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triton_url", normalize_url(self.triton_url, "grpc"))

@@ -21,6 +21,7 @@ from clients.sortformer_client import (
     RequestTimeout,
     Result,
     ServerUnavailable,
+    SpeakerProfile,
     Stream,
     Update,
 )
@@ -50,10 +51,12 @@ class GatewayStream:
     """A ``Stream`` of the client library plus the one thread that drives it."""
 
     def __init__(self, client: DiarizationClient, start: Start,
-                 enroll: Sequence[Tuple[str, np.ndarray]] = ()) -> None:
+                 enroll: Sequence[Tuple[str, np.ndarray]] = (), profile: Optional[SpeakerProfile] = None) -> None:
         self.client = client
         self.start = start
         self.enroll = tuple(enroll)
+        # the gateway's profile is for its own preset: a browser stream on another preset starts empty
+        self.profile = profile if profile is not None and profile.preset == client.preset.name else None
         self._stream: Optional[Stream] = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                thread_name_prefix="gateway-stream")
@@ -73,7 +76,8 @@ class GatewayStream:
         try:
             await self._call(self.client.check)
             self._stream = await self._call(self.client.open_stream,
-                                            segment_params=self.start.segment_params or None)
+                                            segment_params=self.start.segment_params or None,
+                                            profile=self.profile)
             for name, clip in self.enroll:  # the gateway's enrollment clips, before the browser's audio
                 await self._call(self._stream.enroll, name, clip, 16000)
         except BaseException:

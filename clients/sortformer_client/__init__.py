@@ -16,6 +16,7 @@ Public API::
     Update, Result, Segment;  StepChunker;  RTTM/JSON writers;  errors: DiarizationError,
     ServerUnavailable, ModelUnavailable, StreamError, RequestTimeout
 """
+from sortformer_triton.profiles import ProfileError, SpeakerProfile
 from sortformer_triton.timeline import Segment
 
 from .audio import Resampler, load_audio, load_named_clips, resample_to_16k, resampled_length, to_mono_float32
@@ -29,7 +30,7 @@ from .transport import PROTOCOLS, normalize_url
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "NO_RETRY", "PROTOCOLS",
-    "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable", "StepChunker", "Stream",
+    "ProfileError", "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable", "SpeakerProfile", "StepChunker", "Stream",
     "StreamError", "Turn", "Update", "load_audio", "load_named_clips", "new_sequence_id", "normalize_url", "parse_rttm",
     "read_rttm", "resample_to_16k", "resampled_length", "rttm_lines", "safe_uri", "speaker_label",
     "to_mono_float32", "write_json", "write_rttm",

@@ -23,6 +23,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import secrets
@@ -33,8 +34,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import numpy as np
 
 from sortformer_triton import contract, server_flags
+from sortformer_triton.contract import SAVE_PROFILE_PARAMETER
 from sortformer_triton.presets import N_SPEAKERS, PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
+from sortformer_triton.profiles import ProfileError, SpeakerProfile, saved_in
 from sortformer_triton.segments_codec import unpack_segments
 from sortformer_triton.speakers import (ENROLL_OVERWRITE_PARAMETER, ENROLL_PARAMETER, SPEAKER_NAMES_PARAMETER,
                                         check_name, check_names)
@@ -80,7 +83,7 @@ class Stream:
 
     def __init__(self, client: "DiarizationClient", transport: Transport, sequence_id: int,
                  parameters: Dict[str, Any], on_update: Optional[UpdateCallback],
-                 names: Optional[Sequence[str]] = None) -> None:
+                 names: Optional[Sequence[str]] = None, profile: Optional[SpeakerProfile] = None) -> None:
         self._client = client
         self._transport = transport
         self.sequence_id = sequence_id
@@ -92,6 +95,9 @@ class Stream:
         self._assembler = PredictionAssembler()
         self._segments: List[Segment] = []
         self._names: Tuple[str, ...] = tuple(check_names(names)) if names is not None else ("",) * N_SPEAKERS
+        self._start_profile = profile  # the START restores it (diarizer_<preset>_from_profile)
+        self._save_next = False  # the next request asks for the state after it (save_profile)
+        self.profile: Optional[SpeakerProfile] = None  # the last speaker profile the server saved
         self._enrolled_samples = 0  # the padded samples of the enrollment clips
         self._clips: List[str] = []
         self._responses = 0
@@ -167,6 +173,13 @@ class Stream:
         self._clips.append(name)
         return self._send(steps)
 
+    def request_profile(self) -> None:
+        """Ask for the speaker state after the next request sent (``feed`` / ``close``): it arrives as
+        ``self.profile`` (a ``SpeakerProfile`` with the slots' names), e.g. to ``.save()`` and start a later
+        stream from it (``DiarizationClient.open_stream(profile=...)``)."""
+        self._check_open()
+        self._save_next = True
+
     def feed(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> List[Update]:
         """Send the complete steps of audio that ``samples`` completes; their updates, in order.
 
@@ -184,14 +197,17 @@ class Stream:
         audio = self._resampler.process(samples)
         return self._send(self._chunker.push(audio))
 
-    def close(self) -> Result:
+    def close(self, save_profile: bool = False) -> Result:
         """End the stream: the rest of the audio, the flush steps and END; the complete ``Result``.
+        ``save_profile``: the END request asks for the final speaker state (``Result.profile``).
 
         Idempotent once it succeeded (returns the same result again).
         """
         if self._ended and self._result is not None:
             return self._result
         self._check_open()
+        if save_profile:
+            self._save_next = True
         tail = self._resampler.flush() if self._resampler is not None else np.zeros(0, np.float32)
         steps = self._chunker.push(tail) + self._chunker.finish()
         updates = self._send(steps)
@@ -207,6 +223,7 @@ class Stream:
             finished=self._assembler.finished,
             tail_updates=tuple(updates),
             speaker_names=self._names,
+            profile=self.profile,
         )
         self._result = result
         return result
@@ -257,6 +274,14 @@ class Stream:
         if not steps:
             return []
         first_index = self._chunker.requests - len(steps)
+        steps = list(steps)
+        if first_index == 0 and self._start_profile is not None:
+            steps[0] = dataclasses.replace(steps[0], profile=(self._start_profile.profile,
+                                                              self._start_profile.restore_header()))
+        if self._save_next:
+            last = steps[-1]
+            steps[-1] = dataclasses.replace(last, parameters={**(last.parameters or {}), SAVE_PROFILE_PARAMETER: True})
+            self._save_next = False
         indexed = [(first_index + k, step) for k, step in enumerate(steps)]
         by_index = dict(indexed)
         updates: List[Update] = []
@@ -317,6 +342,14 @@ class Stream:
         if names is not None:
             self._names = tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n)
                                 for n in np.asarray(names, dtype=object).reshape(-1))
+        header = out.get(contract.SAVED_PROFILE_HEADER)
+        if header is not None and saved_in(header):
+            try:
+                self.profile = SpeakerProfile.from_outputs(self.preset, out[contract.SAVED_PROFILE], header,
+                                                           self._names)
+            except ProfileError as exc:
+                raise StreamError(f"response {raw.index} of sequence {self.sequence_id} carries a speaker profile "
+                                  f"that does not check: {exc}", self.sequence_id, raw.index) from None
         final = tuple(s for s in segments if s.finalized)
         self._segments.extend(final)
         self._responses += 1
@@ -452,14 +485,20 @@ class DiarizationClient:
     # ---- streams --------------------------------------------------------------------------------
     def open_stream(self, sequence_id: Optional[int] = None, segment_params: Optional[Dict[str, Any]] = None,
                     on_update: Optional[UpdateCallback] = None,
-                    speaker_names: Optional[Sequence[str]] = None) -> Stream:
+                    speaker_names: Optional[Sequence[str]] = None,
+                    profile: Optional[SpeakerProfile] = None) -> Stream:
         """A new stream (Triton sequence). ``sequence_id`` defaults to a fresh random 63-bit id; give one
         only to replay a sequence (e.g. tests). ``segment_params`` (onset, offset, pad_onset,
         pad_offset, min_duration_on, min_duration_off, median_filter_frames) go to the postprocessor as
         request parameters of the START request. ``on_update`` is called with every ``Update``.
         ``speaker_names`` (N_SPEAKERS names, "" = unnamed) names the slots from the start; enrollment
-        clips (``Stream.enroll``) name them from the audio."""
+        clips (``Stream.enroll``) name them from the audio. ``profile`` (a ``SpeakerProfile``, e.g.
+        ``SpeakerProfile.load(path)``) starts the stream from a saved speaker state, with its names."""
         params = check_parameters(segment_params)
+        if profile is not None:
+            profile.check_for(self.preset)
+            if speaker_names is None:
+                speaker_names = profile.names
         parse_segment_params(segment_params or {})  # the server's bounds: refused here, before any request
         if speaker_names is not None:
             speaker_names = check_names(list(speaker_names))
@@ -470,7 +509,7 @@ class DiarizationClient:
         except BaseException:
             self._forget(sequence_id)
             raise
-        return Stream(self, transport, sequence_id, params, on_update, speaker_names)
+        return Stream(self, transport, sequence_id, params, on_update, speaker_names, profile)
 
     def _reserve_id(self, sequence_id: Optional[int]) -> int:
         """A sequence id not open on this client: ``sequence_id``, or a fresh random one."""
@@ -512,11 +551,13 @@ class DiarizationClient:
     def diarize(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE,
                 progress: Optional[ProgressCallback] = None, segment_params: Optional[Dict[str, Any]] = None,
                 sequence_id: Optional[int] = None, enroll: Sequence[EnrollmentClip] = (),
-                speaker_names: Optional[Sequence[str]] = None) -> Result:
+                speaker_names: Optional[Sequence[str]] = None, profile: Optional[SpeakerProfile] = None,
+                save_profile: bool = False) -> Result:
         """Stream a whole recording through one sequence and return its ``Result``.
 
         ``progress(done, total)`` is called after every response (``total`` = requests of the stream).
-        ``enroll``: (name, samples, sample_rate) clips played first (``Stream.enroll``).
+        ``enroll``: (name, samples, sample_rate) clips played first (``Stream.enroll``); ``profile``: start
+        from this saved speaker state; ``save_profile``: the final state comes back as ``Result.profile``.
         """
         audio16 = resample_to_16k(audio, sample_rate)  # checks the rate and the samples (to_mono_float32)
         clips = [(name, resample_to_16k(samples, rate)) for name, samples, rate in enroll]
@@ -530,23 +571,25 @@ class DiarizationClient:
                 progress(answered[0], total)
 
         with self.open_stream(sequence_id=sequence_id, segment_params=segment_params,
-                              on_update=on_update, speaker_names=speaker_names) as stream:
+                              on_update=on_update, speaker_names=speaker_names, profile=profile) as stream:
             for name, clip in clips:
                 stream.enroll(name, clip, SAMPLE_RATE)
             stream.feed(audio16, SAMPLE_RATE)
-            return stream.close()
+            return stream.close(save_profile=save_profile)
 
     def diarize_file(self, source: Union[PathLike, np.ndarray], sample_rate: Optional[int] = None,
                      progress: Optional[ProgressCallback] = None,
                      segment_params: Optional[Dict[str, Any]] = None, enroll: Sequence[EnrollmentClip] = (),
-                     speaker_names: Optional[Sequence[str]] = None) -> Result:
+                     speaker_names: Optional[Sequence[str]] = None, profile: Optional[SpeakerProfile] = None,
+                     save_profile: bool = False) -> Result:
         """Diarize an audio file (any format libsndfile reads) or an array (``sample_rate`` defaults to
         16000 for arrays; for files it is read from the file)."""
         if isinstance(source, np.ndarray):
             audio, rate = source, sample_rate or SAMPLE_RATE
         else:
             audio, rate = load_audio(source)
-        return self.diarize(audio, rate, progress, segment_params, enroll=enroll, speaker_names=speaker_names)
+        return self.diarize(audio, rate, progress, segment_params, enroll=enroll, speaker_names=speaker_names,
+                            profile=profile, save_profile=save_profile)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sortformer_triton.presets import FRAME_SECONDS, N_SPEAKERS, SAMPLE_RATE
+from sortformer_triton.profiles import SpeakerProfile
 from sortformer_triton.timeline import Segment
 
 
@@ -59,6 +60,7 @@ class Result:
     frame_seconds: float = FRAME_SECONDS
     tail_updates: Tuple[Update, ...] = ()  # the updates of the requests ``close`` sent
     speaker_names: Tuple[str, ...] = ("",) * N_SPEAKERS  # the slots' names ("" = unnamed: speaker_<k>)
+    profile: Optional[SpeakerProfile] = None  # the speaker state the stream saved last (close(save_profile=True))
 
     def label(self, speaker: int) -> str:
         """The RTTM / JSON label of a slot: its name, or ``speaker_<k>``."""

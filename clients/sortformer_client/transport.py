@@ -31,6 +31,7 @@ DEFAULT_PORTS = {"grpc": 8001, "grpc-stream": 8001, "http": 8000}
 OUTPUT_NAMES: Tuple[str, ...] = (
     contract.CONFIRMED, contract.N_CONFIRMED, contract.TENTATIVE, contract.N_TENTATIVE,
     contract.FRAME_OFFSET, contract.FINISHED, contract.SEGMENTS, contract.N_SEGMENTS, contract.SPEAKER_NAMES,
+    contract.SAVED_PROFILE, contract.SAVED_PROFILE_HEADER,
 )
 
 # request parameters Triton reserves for itself (tritonclient refuses them)
@@ -169,16 +170,27 @@ class Transport:
 
 
 def _make_inputs(module: Any, step: StepRequest, binary: bool) -> List[Any]:
-    audio = module.InferInput(contract.AUDIO, [1, step.audio.size], "FP32")
-    length_tensor = contract.AUDIO_LENGTH_TENSOR
-    length = module.InferInput(length_tensor.name, [1, 1], length_tensor.client_dtype)
-    if binary:
-        audio.set_data_from_numpy(step.audio.reshape(1, -1), binary_data=True)
-        length.set_data_from_numpy(np.array([[step.valid]], length_tensor.dtype), binary_data=True)
-    else:
-        audio.set_data_from_numpy(step.audio.reshape(1, -1))
-        length.set_data_from_numpy(np.array([[step.valid]], length_tensor.dtype))
-    return [audio, length]
+    values = [(contract.AUDIO, "FP32", step.audio.reshape(1, -1)),
+              (contract.AUDIO_LENGTH, contract.AUDIO_LENGTH_TENSOR.client_dtype,
+               np.array([[step.valid]], contract.AUDIO_LENGTH_TENSOR.dtype))]
+    if step.profile is not None:  # the START of a stream from a saved speaker profile
+        profile, header = step.profile
+        values += [(contract.PROFILE, "FP32", np.asarray(profile, np.float32).reshape(1, -1)),
+                   (contract.PROFILE_HEADER, "INT64", np.asarray(header, np.int64).reshape(1, -1))]
+    inputs = []
+    for name, dtype, array in values:
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        if binary:
+            tensor.set_data_from_numpy(array, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def model_for(model: str, preset: Preset, step: StepRequest) -> str:
+    """The ensemble a request goes to: a START from a profile to ``diarizer_<preset>_from_profile``."""
+    return contract.resume_ensemble_name(preset) if step.profile is not None else model
 
 
 def _outputs(result: Any) -> Dict[str, np.ndarray]:
@@ -209,7 +221,8 @@ class GrpcTransport(Transport):
             t0 = time.perf_counter()
             try:
                 result = self._client.infer(
-                    self.model, _make_inputs(self._module, step, binary=False), outputs=self._outputs,
+                    model_for(self.model, self.preset, step), _make_inputs(self._module, step, binary=False),
+                    outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
                     sequence_end=step.end, client_timeout=self.timeout, headers=sequence_headers(sequence_id),
                     parameters=request_parameters(step, parameters),
@@ -241,7 +254,8 @@ class HttpTransport(Transport):
             t0 = time.perf_counter()
             try:
                 result = self._client.infer(
-                    self.model, _make_inputs(self._module, step, binary=True), outputs=self._outputs,
+                    model_for(self.model, self.preset, step), _make_inputs(self._module, step, binary=True),
+                    outputs=self._outputs,
                     request_id=str(index), sequence_id=sequence_id, sequence_start=step.start,
                     sequence_end=step.end, headers={**self._headers, **sequence_headers(sequence_id)},
                     parameters=request_parameters(step, parameters),
@@ -297,7 +311,8 @@ class GrpcStreamTransport(Transport):
     def _send(self, request_id: str, step: StepRequest, sequence_id: int, parameters: Dict[str, Any]) -> None:
         try:
             self._client.async_stream_infer(
-                self.model, _make_inputs(self._module, step, binary=False), outputs=self._outputs,
+                model_for(self.model, self.preset, step), _make_inputs(self._module, step, binary=False),
+                outputs=self._outputs,
                 request_id=request_id, sequence_id=sequence_id, sequence_start=step.start,
                 sequence_end=step.end, parameters=request_parameters(step, parameters),
             )

@@ -147,7 +147,7 @@ class TritonPythonModel:
                     raise ValueError(
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
                         f"ended, or it was idle > {store.ttl_seconds:g} s and expired")
-            _refuse_bad_audio(request, end, chunk_len)
+            _refuse_bad_audio(request, end, chunk_len, stream)
             enroll, overwrite = parse_enroll(text)
             out = stream.step(
                 confirmed=confirmed,
@@ -166,16 +166,22 @@ class TritonPythonModel:
                 store.pop(corrid)
 
 
-def _refuse_bad_audio(request: Any, end: bool, chunk_len: int) -> None:
+def _refuse_bad_audio(request: Any, end: bool, chunk_len: int, stream: StreamPostprocessor) -> None:
     """The preprocessor graph checked the request's audio (INPUT_ERROR), the sortformer graph its features
     (FEATURE_ERROR): a refused request changed no state anywhere, so the stream may go on; it gets an error
-    that names the problems."""
+    that names the problems. A refused speaker profile refuses the stream: its START audio went into the
+    preprocessor's state, the sortformer's started empty."""
     code = int(_input(request, contract.INPUT_ERROR).reshape(-1)[0])
     code |= int(_input(request, contract.FEATURE_ERROR).reshape(-1)[0])
     if code:
         step = chunk_len * FRAME_SAMPLES
+        problems = contract.describe_input_error(code, step)
+        if code & contract.PROFILE_ERRORS:
+            stream.speakers.refused = f"its speaker profile was refused: {problems}"
+            raise ValueError(f"START from a speaker profile refused (the stream is refused until END; start "
+                             f"it again with a profile this model and preset saved): {problems}")
         after = "its END ended the stream" if end else "the stream is unchanged and may go on"
-        raise ValueError(f"request refused ({after}): {contract.describe_input_error(code, step)}")
+        raise ValueError(f"request refused ({after}): {problems}")
 
 
 def _input(request: Any, name: str) -> np.ndarray:
