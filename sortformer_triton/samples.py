@@ -167,3 +167,49 @@ def espeak_conversation(seconds: float, n_speakers: int = 3, seed: int = 0, over
         return clip[a: a + max(last - first, 0)] * 10 ** (gain_db / 20), last / SAMPLE_RATE
 
     return _converse(seconds, n_speakers, seed, overlap, noise_db, speak, (0.15, 1.2))
+
+
+def write_enrollment_demo(out_dir, voices: str = "espeak", seed: int = 7) -> List[str]:
+    """Sound files for named speakers: ``alice.wav`` and ``bob.wav`` (one voice each, 8 s), and
+    ``meeting.wav`` / ``meeting2.wav`` (40 s / 30 s of both talking); the paths written."""
+    from pathlib import Path
+
+    import soundfile as sf
+
+    make = espeak_conversation if voices == "espeak" else conversation
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "alice.wav": make(8.0, n_speakers=1, seed=seed, voices=[0])[0],
+        "bob.wav": make(8.0, n_speakers=1, seed=seed + 1, voices=[1])[0],
+        "meeting.wav": make(40.0, n_speakers=2, seed=seed + 2)[0],
+        "meeting2.wav": make(30.0, n_speakers=2, seed=seed + 3)[0],
+    }
+    written = []
+    for name, audio in files.items():
+        sf.write(str(out / name), audio, SAMPLE_RATE, subtype="PCM_16")
+        written.append(str(out / name))
+    return written
+
+
+def main(argv=None) -> int:
+    import argparse
+    import shutil
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sortformer_triton.samples",
+        description="Write the named-speakers demo files: alice.wav and bob.wav (one voice each, for --enroll) "
+                    "and meeting.wav / meeting2.wav (both voices talking).")
+    parser.add_argument("out", help="output directory")
+    have_espeak = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+    parser.add_argument("--voices", choices=["espeak", "synthetic"], default="espeak" if have_espeak else "synthetic",
+                        help="espeak-ng speech (default when espeak-ng and sox are installed) or synthetic voices")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    for path in write_enrollment_demo(args.out, args.voices, args.seed):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

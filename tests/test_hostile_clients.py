@@ -268,6 +268,10 @@ def _bad_features(good: Dict[str, np.ndarray]) -> Dict[str, Tuple[Dict[str, np.n
         "left negative": (with_(contract.LEFT_CONTEXT, -1), contract.ERR_LEFT_CONTEXT),
         "chunk negative": (with_(contract.CHUNK_INDEX, -1), contract.ERR_CHUNK_INDEX),
         "chunk huge": (with_(contract.CHUNK_INDEX, 2 ** 62), contract.ERR_CHUNK_INDEX),
+        # a speaker profile restored on a request that is not START, unknown flags
+        "restore mid-stream": (with_(contract.PROFILE_HEADER, [contract.PROFILE_RESTORE, 1, 0, 0, 0, 0]),
+                               contract.ERR_PROFILE_FLAGS | contract.ERR_PROFILE_SIZE | contract.ERR_PROFILE_ORIGIN),
+        "unknown flags": (with_(contract.PROFILE_HEADER, [8, 0, 0, 0, 0, 0]), contract.ERR_PROFILE_FLAGS),
     }
 
 
@@ -275,7 +279,9 @@ def test_the_sortformer_model_called_directly_refuses_bad_inputs_without_moving_
     import tritonclient.grpc as grpcclient
 
     sf_io = contract.sortformer_io(LOW, 1)
-    feature_names = [t.name for t in sf_io.inputs]
+    feature_names = [t.name for t in sf_io.inputs if t.name not in (contract.PROFILE, contract.PROFILE_HEADER)]
+    no_profile = {contract.PROFILE: np.zeros((1, 1), np.float32),
+                  contract.PROFILE_HEADER: np.zeros((1, contract.PROFILE_HEADER_LEN), np.int64)}
     outputs = [t.name for t in sf_io.outputs]
     client = grpcclient.InferenceServerClient(tiny_server.grpc_url)
     pre_id, victim, twin = new_sequence_id(), new_sequence_id(), new_sequence_id()
@@ -286,6 +292,7 @@ def test_the_sortformer_model_called_directly_refuses_bad_inputs_without_moving_
                 contract.AUDIO: request.audio.reshape(1, -1),
                 contract.AUDIO_LENGTH: np.array([[request.valid]], contract.AUDIO_LENGTH_TENSOR.dtype)},
                 feature_names, pre_id, request.start, request.end)
+            pre.update(no_profile)
             if k == 4:  # confirmed frames exist: state a bad request could spoil
                 for name, (bad, bit) in _bad_features(pre).items():
                     out = _direct(client, contract.sortformer_name(LOW), bad, outputs, victim)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sortformer_triton import contract as c
-from sortformer_triton.inprocess import StatefulGraph, repository_graphs
+from sortformer_triton.inprocess import StatefulGraph, profile_feeds, repository_graphs
 from sortformer_triton.presets import get_preset
 from sortformer_triton.protocol import PredictionAssembler, iter_steps
 from sortformer_triton.samples import conversation
@@ -116,11 +116,13 @@ def _stream(pre: StatefulGraph, step: StatefulGraph, audio: np.ndarray, insert_b
             out = _run_pre(pre, [7], [req.start], bad_audio[None], [STEP])
             assert int(out[c.INPUT_ERROR][0, 0]) & c.ERR_NOT_FINITE  # (+ ERR_AFTER_END in the flush steps)
             feeds = {n: out[n] for n in (c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX)}
+            feeds.update(profile_feeds([None], [0]))
             result = step.run([7], [req.start], feeds)
             assert int(result[c.N_CONFIRMED][0, 0]) == 0 and int(result[c.N_TENTATIVE][0, 0]) == 0
         out = _run_pre(pre, [7], [req.start], req.audio[None], [req.valid])
         assert int(out[c.INPUT_ERROR][0, 0]) == 0
         feeds = {n: out[n] for n in (c.FEATURES, c.FEATURE_LENGTH, c.LEFT_CONTEXT, c.CHUNK_INDEX)}
+        feeds.update(profile_feeds([None], [0]))
         result = step.run([7], [req.start], feeds)
         asm.add(result[c.CONFIRMED][0], int(result[c.N_CONFIRMED][0, 0]), int(result[c.FRAME_OFFSET][0, 0]),
                 result[c.TENTATIVE][0], int(result[c.N_TENTATIVE][0, 0]), bool(out[c.FINISHED][0, 0]))

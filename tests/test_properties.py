@@ -386,7 +386,7 @@ def _rows_step(post: StreamPostprocessor, max_rows: int, conf: np.ndarray, tent:
     tent_rows = np.full((1, right, N_SPEAKERS), np.nan, np.float32)
     tent_rows[0, : len(tent)] = tent
     rows, n = post.step(conf_rows, np.array([[len(conf)]], np.int32), tent_rows,
-                        np.array([[len(tent)]], np.int32), np.array([[offset]], np.int64), finished, end)
+                        np.array([[len(tent)]], np.int32), np.array([[offset]], np.int64), finished, end).segments
     assert rows.shape == (max_rows, 4) and rows.dtype == np.float32
     assert not rows[n:].any(), "rows after N_SEGMENTS must be zero"
     got = unpack_segments(rows, n)
@@ -546,9 +546,12 @@ class FakeTritonGrpc:
         out[contract.TENTATIVE][0, :n_tent] = tent
         rows, n_rows = self._post.step(out[contract.CONFIRMED], out[contract.N_CONFIRMED],
                                        out[contract.TENTATIVE], out[contract.N_TENTATIVE], offset,
-                                       finished, sequence_end)
+                                       finished, sequence_end).segments
         out[contract.SEGMENTS] = rows[None]
         out[contract.N_SEGMENTS] = np.array([[n_rows]], np.int32)
+        out[contract.SPEAKER_NAMES] = np.array([[b""] * N_SPEAKERS], dtype=object)
+        out[contract.SAVED_PROFILE] = np.zeros((1, 1), np.float32)  # no request of these asks to save
+        out[contract.SAVED_PROFILE_HEADER] = np.zeros((1, contract.PROFILE_HEADER_LEN), np.int64)
         self._ended = sequence_end
         return FakeResult(out)
 

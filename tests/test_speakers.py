@@ -336,3 +336,61 @@ def test_an_espeak_voice_keeps_its_name_through_a_long_meeting(tiny_server, tiny
     assert list(result.speaker_names) == expected
     first = next(i for i, n in enumerate(names_seen) if any(n))
     assert all(list(n) == expected for n in names_seen[first:])  # from its decision to END
+
+
+@pytest.mark.triton
+def test_readme_flow_enroll_two_voices_save_a_profile_and_start_a_second_meeting(tiny_server, tmp_path) -> None:
+    """The README's named-speakers commands: enroll Alice and Bob, RTTM/JSON/PNG with their names and a saved
+    profile; a second meeting from that profile carries the names without enrolling again."""
+    from sortformer_triton.samples import main as samples_main
+    from tests.test_cli import diarize
+
+    voices, out = tmp_path / "voices", tmp_path / "results"
+    assert samples_main([str(voices), "--voices", "synthetic"]) == 0
+    proc = diarize(str(voices / "meeting.wav"), "--url", tiny_server.grpc_url, "--preset", "low", "--out", str(out),
+                   "--enroll", f"Alice={voices / 'alice.wav'}", "--enroll", f"Bob={voices / 'bob.wav'}",
+                   "--save-profile", "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    labels = {line.split()[7] for line in (out / "meeting.rttm").read_text().splitlines()}
+    data = json.loads((out / "meeting.json").read_text())
+    assert sorted(n for n in data["speaker_names"] if n) == ["Alice", "Bob"] and {"Alice", "Bob"} & labels
+    assert (out / "meeting.png").stat().st_size > 0 and "Alice" in proc.stdout  # the summary names them
+    profile = SpeakerProfile.load(out / "meeting.profile.npz")
+    assert sorted(n for n in profile.names if n) == ["Alice", "Bob"]
+    proc = diarize(str(voices / "meeting2.wav"), "--url", tiny_server.grpc_url, "--preset", "low", "--out", str(out),
+                   "--profile", str(out / "meeting.profile.npz"), "--no-progress", "--no-png")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "meeting2.json").read_text())["speaker_names"] == list(profile.names)
+    proc = diarize(str(voices / "meeting2.wav"), "--url", tiny_server.grpc_url, "--preset", "high",
+                   "--profile", str(out / "meeting.profile.npz"), "--out", str(out))
+    assert proc.returncode == 2 and "saved on preset 'low'" in proc.stdout + proc.stderr
+
+
+@pytest.mark.triton
+def test_the_gateway_page_gets_the_enrolled_names(tiny_server, tmp_path) -> None:
+    """clients.gateway --enroll: every WebSocket stream plays the clips first; its updates and result carry the
+    names and name-labelled segments, and equal the client library's enrolled stream."""
+    import soundfile as sf
+
+    from tests.test_gateway import GatewayProcess, stream_over_websocket
+
+    clips = [("Alice", _clip(0, 10)), ("Bob", _clip(1, 11))]
+    for name, clip in clips:
+        sf.write(str(tmp_path / f"{name}.wav"), clip, 16000, subtype="FLOAT")
+    meeting, _ = conversation(12.0, n_speakers=2, seed=6)
+    process = GatewayProcess(tiny_server.grpc_url, tmp_path / "gateway.log",
+                             *[f"--enroll={n}={tmp_path / f'{n}.wav'}" for n, _ in clips])
+    try:
+        received = stream_over_websocket(process.ws_url, meeting, 16000, 4000)
+    finally:
+        process.stop()
+    with DiarizationClient(tiny_server.grpc_url, protocol="grpc", preset=LOW) as client:
+        direct = client.diarize(meeting, enroll=[(n, c, 16000) for n, c in clips])
+    result = received[-1]
+    assert result["type"] == "result" and received[0]["speaker_names"] is not None
+    assert result["speaker_names"] == list(direct.speaker_names) and "Alice" in result["speaker_names"]
+    assert np.array_equal(np.asarray(result["probabilities"], np.float32), direct.probs)
+    assert [s["label"] for s in result["segments"]] == [
+        direct.label(s.speaker) for s in sorted(direct.segments, key=lambda s: (s.start, s.end, s.speaker))]
+    # Bob's clip is decided with the second meeting response (ceil(R / C) = 2 requests after the clips)
+    assert all(u["speaker_names"] == result["speaker_names"] for u in received[2:-1])

@@ -267,6 +267,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         files = collect_files(args.inputs)
         clips = load_named_clips(args.enroll)
         profile = SpeakerProfile.load(args.profile) if args.profile is not None else None
+        if profile is not None:
+            from sortformer_triton.presets import get_preset
+
+            profile.check_for(get_preset(args.preset))
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE

@@ -9,11 +9,16 @@ Public API::
     DiarizationClient(url, protocol="grpc" | "grpc-stream" | "http", preset="low", timeout=60.0,
                       max_in_flight=1, retry=RetryPolicy(attempts=3, backoff_s=0.5))
         .check() / .served_presets()
-        .open_stream(sequence_id=None, segment_params=None, on_update=None) -> Stream
-        .diarize(audio, sample_rate=16000, progress=None, segment_params=None) -> Result
-        .diarize_file(path_or_array, sample_rate=None, progress=None, segment_params=None) -> Result
-    Stream.feed(samples, sample_rate=16000) -> list[Update];  Stream.close() -> Result;  Stream.abort()
-    Update, Result, Segment;  StepChunker;  RTTM/JSON writers;  errors: DiarizationError,
+        .open_stream(sequence_id=None, segment_params=None, on_update=None, speaker_names=None,
+                     profile=None) -> Stream
+        .diarize(audio, sample_rate=16000, progress=None, segment_params=None, enroll=(), speaker_names=None,
+                 profile=None, save_profile=False) -> Result
+        .diarize_file(path_or_array, sample_rate=None, ...same keywords) -> Result
+    Stream.enroll(name, samples, sample_rate=16000) -> list[Update]  (before the first feed)
+    Stream.feed(samples, sample_rate=16000) -> list[Update];  Stream.close(save_profile=False) -> Result
+    Stream.request_profile();  Stream.profile;  Stream.speaker_names;  Stream.abort()
+    Update, Result (.speaker_names, .label(k), .profile), Segment;  SpeakerProfile (.save/.load), ProfileError;
+    StepChunker;  RTTM/JSON writers;  load_named_clips (NAME=CLIP options);  errors: DiarizationError,
     ServerUnavailable, ModelUnavailable, StreamError, RequestTimeout
 """
 from sortformer_triton.profiles import ProfileError, SpeakerProfile
@@ -30,8 +35,8 @@ from .transport import PROTOCOLS, normalize_url
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "DiarizationClient", "DiarizationError", "ModelUnavailable", "NO_RETRY", "PROTOCOLS",
-    "ProfileError", "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable", "SpeakerProfile", "StepChunker", "Stream",
-    "StreamError", "Turn", "Update", "load_audio", "load_named_clips", "new_sequence_id", "normalize_url", "parse_rttm",
-    "read_rttm", "resample_to_16k", "resampled_length", "rttm_lines", "safe_uri", "speaker_label",
-    "to_mono_float32", "write_json", "write_rttm",
+    "ProfileError", "RequestTimeout", "Resampler", "Result", "RetryPolicy", "Segment", "ServerUnavailable",
+    "SpeakerProfile", "StepChunker", "Stream", "StreamError", "Turn", "Update", "load_audio", "load_named_clips",
+    "new_sequence_id", "normalize_url", "parse_rttm", "read_rttm", "resample_to_16k", "resampled_length",
+    "rttm_lines", "safe_uri", "speaker_label", "to_mono_float32", "write_json", "write_rttm",
 ]

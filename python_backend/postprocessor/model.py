@@ -10,10 +10,17 @@ min_duration_off, median_filter_frames, state_ttl_seconds (>= the sequence idle 
 Python model is never told that Triton reaped an idle sequence). A request's ``parameters`` may set the
 same segment parameters (not the TTL) on its START request, within the bounds of
 ``timeline.SegmentParams``; ``admission``, the ensemble's first step, refuses a bad START with the same
-parsing before the stateful models run it (so it takes no sequence slot). Later requests' parameters are ignored: the postprocessor is the ensemble's
-last step, so refusing one of them would come after the stateful steps moved and break the stream.
+parsing before the stateful models run it (so it takes no sequence slot). Later requests' segment
+parameters are ignored: the postprocessor is the ensemble's last step, so refusing one of them would come
+after the stateful steps moved and break the stream (``enroll`` is read on every request; ``admission``
+checks its syntax on every request, before anything moves).
 Keys the postprocessor does not know are ignored: an ensemble hands every request's parameters to all
 of its steps.
+
+Per stream it also keeps the slot names and the enrollment clips (``sortformer_triton.speakers``: request
+parameter ``enroll`` on a clip's steps, ``speaker_names`` on START): the clips' frames are taken out of the
+passed-through CONFIRMED / TENTATIVE / FRAME_OFFSET, so the meeting starts at frame 0, and SPEAKER_NAMES
+goes out with every response. A refused clip or speaker profile refuses the stream until END.
 
 It makes every ensemble output: the stateful steps' outputs arrive as ``STEP_<name>`` and leave as
 ``<name>`` (``contract.PASSED_THROUGH``) next to SEGMENTS, so a request for some of the outputs is only a
@@ -49,6 +56,7 @@ _honour_pythonpath()
 
 from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.presets import FRAME_SAMPLES  # noqa: E402
+from sortformer_triton.profiles import saved_in  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor, pad_rows  # noqa: E402
 from sortformer_triton.speakers import parse_enroll, parse_stream_names  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
@@ -115,6 +123,8 @@ class TritonPythonModel:
             contract.N_TENTATIVE: np.full_like(passed[contract.N_TENTATIVE], len(out.tentative)),
             contract.FRAME_OFFSET: np.full_like(passed[contract.FRAME_OFFSET], out.frame_offset),
         })
+        if not saved_in(passed[contract.SAVED_PROFILE_HEADER]):  # another row of its batch saved: P zeros here
+            passed[contract.SAVED_PROFILE] = np.zeros(passed[contract.SAVED_PROFILE].shape[:-1] + (1,), np.float32)
         # every ensemble output comes from here (contract.PASSED_THROUGH): a request for some of them is a filter
         passed_through = [pb_utils.Tensor(name, np.ascontiguousarray(passed[name])) for name in contract.PASSED_THROUGH]
         return pb_utils.InferenceResponse(output_tensors=passed_through + [
