@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from clients.sortformer_client import DiarizationClient, ProfileError, SpeakerProfile, StreamError, rttm_lines
+from tests.test_gateway import browser  # noqa: F401 (a fixture: headless Chromium with a fake microphone)
 from sortformer_triton import contract
 from sortformer_triton.presets import N_SPEAKERS, get_preset
 from sortformer_triton.samples import conversation, espeak_conversation
@@ -394,3 +395,37 @@ def test_the_gateway_page_gets_the_enrolled_names(tiny_server, tmp_path) -> None
         direct.label(s.speaker) for s in sorted(direct.segments, key=lambda s: (s.start, s.end, s.speaker))]
     # Bob's clip is decided with the second meeting response (ceil(R / C) = 2 requests after the clips)
     assert all(u["speaker_names"] == result["speaker_names"] for u in received[2:-1])
+
+
+@pytest.mark.triton
+def test_the_page_shows_the_names(tiny_server, browser, tmp_path) -> None:  # noqa: F811 (the browser fixture)
+    """The live page in headless Chromium labels the enrolled slots (probability bars, timeline rows, segments)."""
+    import soundfile as sf
+
+    from tests.test_gateway import GatewayProcess, _page_state, _wait
+
+    clips = [("Alice", _clip(0, 10)), ("Bob", _clip(1, 11))]
+    for name, clip in clips:
+        sf.write(str(tmp_path / f"{name}.wav"), clip, 16000, subtype="FLOAT")
+    process = GatewayProcess(tiny_server.grpc_url, tmp_path / "gateway.log",
+                             *[f"--enroll={n}={tmp_path / f'{n}.wav'}" for n, _ in clips])
+    try:
+        browser.get(process.url + "/")
+        _wait(browser, "!document.getElementById('start').disabled", 20)
+        browser.execute_script("document.getElementById('preset').value = 'low';")
+        browser.find_element("id", "start").click()
+        _wait(browser, "(window.diarizationState.names || []).filter(Boolean).length > 0", 40)
+        names = _page_state(browser)["names"]
+        bars = [browser.find_element("id", f"prob-name-{k}").text for k in range(N_SPEAKERS)]
+        assert bars == [n or f"speaker_{k}" for k, n in enumerate(names)] and set(names) - {""} <= {"Alice", "Bob"}
+        _wait(browser, "window.diarizationState.finalized.length >= 2", 40)
+        browser.find_element("id", "stop").click()
+        _wait(browser, "window.diarizationState.status === 'done'", 30)
+        state = _page_state(browser)
+        labels = {s["label"] for s in state["result"]["segments"]}
+        assert labels <= {n or f"speaker_{k}" for k, n in enumerate(state["names"])}
+        assert all(s["label"] == (state["names"][s["speaker"]] or f"speaker_{s['speaker']}") for s in state["finalized"])
+        listed = browser.find_element("id", "segments").text  # the latest finalized segments, by label
+        assert all(s["label"] in listed for s in sorted(state["finalized"], key=lambda s: s["start"])[-3:])
+    finally:
+        process.stop()

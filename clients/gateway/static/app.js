@@ -19,6 +19,7 @@
   const state = {
     status: "idle", // idle | starting | streaming | stopping | done | error | disconnected
     preset: null, sampleRate: null, sequenceId: null, frameSeconds: 0.08, latencySeconds: null,
+    names: new Array(N_SPEAKERS).fill(""), // the slots' names from the server ("" = unnamed)
     updates: 0, framesConfirmed: 0, confirmed: [], tentativeOffset: 0, tentative: [],
     finalized: [], tentativeSegments: [], probabilities: new Array(N_SPEAKERS).fill(0), probabilitiesFrame: null,
     samplesSent: 0, bytesSent: 0, audioSeconds: 0, rms: 0, lastLatencyMs: null,
