@@ -135,6 +135,8 @@ def peak_rss_mb(engine: str, source: str, preset: Preset, threads: int, onnx_pat
 
     torch.set_num_threads(threads)
     if engine == "onnx":
+        from sortformer_triton.inprocess import profile_feeds
+
         from .reference import ort_fn
 
         emb_dim = 512 if source == "full" else int(load_model(source).cfg.encoder.d_model)
@@ -144,6 +146,7 @@ def peak_rss_mb(engine: str, source: str, preset: Preset, threads: int, onnx_pat
                       contract.FEATURE_LENGTH: np.array([[w]], np.int64),
                       contract.LEFT_CONTEXT: np.array([[preset.left_context]], np.int64),
                       contract.CHUNK_INDEX: np.array([[1]], np.int64), contract.START: np.zeros((1, 1), np.int32)})
+        feeds.update(profile_feeds([None], [0]))
         fn = ort_fn(onnx_path, threads=threads)
         fn(feeds)
         fn(feeds)
