@@ -58,6 +58,7 @@ from sortformer_triton.contract import (
     PROFILE_HEADER_LEN,
     PROFILE_RESTORE,
     PROFILE_SAVE,
+    profile_shapes,
     profile_size,
 )
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, N_SPEAKERS, SUBSAMPLING, WIN_SAMPLES, Preset
@@ -360,17 +361,19 @@ class StreamingStep(nn.Module):
         or zero-padded to shape (and refused by :meth:`profile_error`)."""
         b, n = profile.shape[0], self.profile_size
         flat = torch.cat([profile, torch.zeros(b, n, dtype=profile.dtype, device=profile.device)], dim=1)[:, :n]
-        S, F, D = self.S, self.F, self.D
-        sizes = [S * D, S * N_SPEAKERS, F * D, D]
-        sc, sp, fifo, mean = torch.split(flat, sizes, dim=1)
-        return sc.reshape(b, S, D), sp.reshape(b, S, N_SPEAKERS), fifo.reshape(b, F, D), mean
+        shapes = profile_shapes(self.p, self.D)
+        parts = torch.split(flat, [math.prod(shape) for shape in shapes], dim=1)
+        sc, sp, fifo, mean = (part.reshape(b, *shape) for part, shape in zip(parts, shapes))
+        return sc, sp, fifo, mean
 
     def _fingerprint(self) -> Tensor:
         # an int64 tensor constant: a Python int would be traced as a float scalar and lose its low bits
         return torch.tensor(self.fingerprint, dtype=torch.int64)
 
-    def profile_error(self, profile: Tensor, header: Tensor, start: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """([B] bit mask of what is wrong with each row's profile inputs, restore [B] bool, save [B] bool)."""
+    def profile_error(self, profile: Tensor, preds: Tensor, header: Tensor,
+                      start: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """([B] bit mask of what is wrong with each row's profile inputs, restore [B] bool, save [B] bool);
+        ``preds`` are the profile's speaker-cache predictions (:meth:`_unpack_profile`)."""
         b = header.shape[0]
         h = header.reshape(b, PROFILE_HEADER_LEN)
         flags, version, fingerprint = h[:, 0], h[:, 1], h[:, 2]
@@ -384,11 +387,10 @@ class StreamingStep(nn.Module):
             return torch.where(condition, torch.full_like(zero, bit), zero)
 
         size = torch.ones_like(profile).sum(dim=1).to(torch.int64)  # the row length, as data (traced)
-        sc, sp, fifo, mean = self._unpack_profile(profile)
-        flat = profile
-        finite = ~(torch.isnan(flat) | torch.isinf(flat))
-        values_ok = finite.all(dim=1) & (torch.where(finite, flat.abs(), torch.zeros_like(flat)) <= MAX_ABS_PROFILE).all(dim=1)
-        preds_ok = ((sp >= 0) & (sp <= 1)).reshape(b, -1).all(dim=1)
+        finite = ~(torch.isnan(profile) | torch.isinf(profile))
+        within = torch.where(finite, profile.abs(), torch.zeros_like(profile)) <= MAX_ABS_PROFILE
+        values_ok = finite.all(dim=1) & within.all(dim=1)
+        preds_ok = ((preds >= 0) & (preds <= 1)).reshape(b, -1).all(dim=1)
         lengths_ok = (sl >= 0) & (sl <= self.S) & (fl >= 0) & (fl <= self.fifo_len) & (n_sil >= 0)
         error = (
             flag((flags < 0) | (flags > PROFILE_RESTORE + PROFILE_SAVE) | (restore & (start.reshape(b) == 0)),
@@ -399,10 +401,11 @@ class StreamingStep(nn.Module):
         )
         return error, restore & (error == 0), save & (flags >= 0) & (flags <= PROFILE_RESTORE + PROFILE_SAVE)
 
-    def _restore(self, restore: Tensor, profile: Tensor, header: Tensor, states: Sequence[Tensor]) -> Tuple[Tensor, ...]:
-        b = header.shape[0]
-        h = header.reshape(b, PROFILE_HEADER_LEN)
-        sc, sp, fifo, mean = self._unpack_profile(profile)
+    def _restore(self, restore: Tensor, unpacked: Sequence[Tensor], header: Tensor,
+                 states: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        """The states, with the unpacked profile and the header's lengths on the rows that restore."""
+        h = header.reshape(header.shape[0], PROFILE_HEADER_LEN)
+        sc, sp, fifo, mean = unpacked
         restored = (sc, sp, h[:, 3:4], fifo, h[:, 4:5], mean, h[:, 5:6])
         out = []
         for new, old in zip(restored, states):
@@ -415,9 +418,9 @@ class StreamingStep(nn.Module):
         b = save.shape[0]
         sc, sp, sl, fifo, fl, mean, n_sil = states
         flat = torch.cat([sc.reshape(b, -1), sp.reshape(b, -1), fifo.reshape(b, -1), mean], dim=1)
-        flat = torch.where(save.unsqueeze(1), flat, torch.zeros_like(flat))
         n = torch.where(save.any(), torch.tensor(self.profile_size), torch.tensor(1))
-        flat = torch.index_select(flat, 1, torch.arange(n))
+        flat = torch.index_select(flat, 1, torch.arange(n))  # one column unless a row saves
+        flat = torch.where(save.unsqueeze(1), flat, torch.zeros_like(flat))
         zero = torch.zeros_like(sl.reshape(b))
         header = torch.stack([
             torch.full_like(zero, PROFILE_SAVE), torch.full_like(zero, PROFILE_FORMAT),
@@ -429,9 +432,10 @@ class StreamingStep(nn.Module):
         spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames = _reset(
             start, spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames
         )
-        profile_err, restore, save = self.profile_error(profile, profile_header, start)
+        unpacked = self._unpack_profile(profile)
+        profile_err, restore, save = self.profile_error(profile, unpacked[1], profile_header, start)
         spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames = self._restore(
-            restore, profile, profile_header,
+            restore, unpacked, profile_header,
             (spkcache, spkcache_preds, spkcache_lengths, fifo, fifo_lengths, mean_sil_emb, n_sil_frames))
         b = features.shape[0]
         S, F, C, E, P = self.S, self.F, self.C, self.E, self.P

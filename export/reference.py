@@ -252,15 +252,13 @@ def nemo_stream(model, preset: Preset, audio: np.ndarray, topk: str = "determini
 
 def restore_state(state, preset: Preset, profile: np.ndarray, header: np.ndarray) -> None:
     """Set NeMo's async streaming state from a saved PROFILE / PROFILE_HEADER (contract layout)."""
-    S, D = preset.spkcache_len, int(state.spkcache.shape[2])
-    F = max(preset.fifo_len, 1)
-    sizes = np.cumsum([S * D, S * 4, F * D, D])
-    sc, sp, fifo, mean = np.split(np.asarray(profile, np.float32), sizes[:-1])
+    shapes = contract.profile_shapes(preset, int(state.spkcache.shape[2]))
+    bounds = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+    parts = np.split(np.asarray(profile, np.float32), bounds)
+    sc, sp, fifo, mean = (torch.from_numpy(part.reshape(1, *shape).copy()) for part, shape in zip(parts, shapes))
     h = {name: int(v) for name, v in zip(contract.PROFILE_HEADER_FIELDS, np.asarray(header).reshape(-1))}
-    state.spkcache = torch.from_numpy(sc.reshape(1, S, D).copy())
-    state.spkcache_preds = torch.from_numpy(sp.reshape(1, S, 4).copy())
-    state.fifo = torch.from_numpy(fifo.reshape(1, F, D)[:, :preset.fifo_len].copy())
-    state.mean_sil_emb = torch.from_numpy(mean.reshape(1, D).copy())
+    state.spkcache, state.spkcache_preds, state.mean_sil_emb = sc, sp, mean
+    state.fifo = fifo[:, :preset.fifo_len]  # NeMo's FIFO has fifo_len rows; the graph's at least 1
     state.spkcache_lengths = torch.tensor([h["spkcache_lengths"]], dtype=torch.long)
     state.fifo_lengths = torch.tensor([h["fifo_lengths"]], dtype=torch.long)
     state.n_sil_frames = torch.tensor([h["n_sil_frames"]], dtype=torch.long)

@@ -10,6 +10,7 @@ State tensors: an ONNX graph input ``name`` pairs with output ``STATE_OUT_PREFIX
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Tuple
 
 from .presets import N_MELS, N_SPEAKERS, Preset
@@ -94,9 +95,17 @@ ADMITTED_PROFILE_HEADER = "ADMITTED_PROFILE_HEADER"  # flags = PROFILE_SAVE when
 SAVE_PROFILE_PARAMETER = "save_profile"  # request parameter (bool): save the state after this request
 
 
+PROFILE_PARTS: Tuple[str, ...] = ("spkcache", "spkcache_preds", "fifo", "mean_sil_emb")  # PROFILE's order
+
+
+def profile_shapes(p: Preset, emb_dim: int) -> Tuple[Tuple[int, ...], ...]:
+    """The shapes of PROFILE_PARTS (the sortformer's float states), flattened back to back in PROFILE."""
+    return ((p.spkcache_len, emb_dim), (p.spkcache_len, N_SPEAKERS), (max(p.fifo_len, 1), emb_dim), (emb_dim,))
+
+
 def profile_size(p: Preset, emb_dim: int) -> int:
     """Floats in a preset's PROFILE: the speaker cache, its predictions, the FIFO and the silence profile."""
-    return p.spkcache_len * emb_dim + p.spkcache_len * N_SPEAKERS + max(p.fifo_len, 1) * emb_dim + emb_dim
+    return sum(math.prod(shape) for shape in profile_shapes(p, emb_dim))
 
 
 # preprocessor -> sortformer

@@ -23,13 +23,14 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import contract
 from .presets import N_SPEAKERS, Preset, get_preset
 from .speakers import EnrollmentError, check_names
+from .timeline import bool_parameter
 
 FILE_FORMAT = 1
 FILE_KIND = "sortformer-triton speaker profile"
@@ -41,23 +42,17 @@ class ProfileError(ValueError):
     """A speaker profile that cannot be used; the message says why."""
 
 
-def parse_save_profile(text: str) -> bool:
-    """The ``save_profile`` request parameter (bool, or "true"/"false") of a request's JSON parameters."""
-    values = json.loads(text) if text else {}
-    if not isinstance(values, dict):
-        raise ValueError(f"request parameters must be a JSON object, got {text!r}")
-    value = values.get(contract.SAVE_PROFILE_PARAMETER, False)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        value = value.lower() in ("true", "1")
-    if not isinstance(value, bool):
-        raise ValueError(f"{contract.SAVE_PROFILE_PARAMETER} must be a bool, got {value!r}")
-    return value
+def parse_save_profile(values: Mapping[str, object]) -> bool:
+    """The ``save_profile`` request parameter of a request's parameters (``timeline.parse_request_parameters``)."""
+    return bool_parameter(values, contract.SAVE_PROFILE_PARAMETER)
 
 
 def emb_dim_of(preset: Preset, size: int) -> Optional[int]:
     """The encoder width D whose profile on ``preset`` has ``size`` floats (contract.profile_size), or None."""
-    per_d = preset.spkcache_len + max(preset.fifo_len, 1) + 1
-    rest = size - preset.spkcache_len * N_SPEAKERS
+    # profile_size is linear in D: size(D) = size(0) + D * (size(1) - size(0))
+    fixed = contract.profile_size(preset, 0)
+    per_d = contract.profile_size(preset, 1) - fixed
+    rest = size - fixed
     if rest <= 0 or rest % per_d:
         return None
     return rest // per_d
@@ -132,7 +127,9 @@ class SpeakerProfile:
             raise ProfileError(f"lengths out of range for preset {preset.name}: {fields}")
         if not np.isfinite(profile).all() or np.abs(profile).max(initial=0.0) > contract.MAX_ABS_PROFILE:
             raise ProfileError("the profile holds values that are not finite or beyond +-1e4")
-        preds = profile[preset.spkcache_len * dim: preset.spkcache_len * (dim + N_SPEAKERS)]
+        cache, preds_shape = contract.profile_shapes(preset, dim)[:2]  # the predictions follow the cache
+        start = int(np.prod(cache))
+        preds = profile[start: start + int(np.prod(preds_shape))]
         if preds.size and (preds.min() < 0 or preds.max() > 1):
             raise ProfileError("the profile's speaker-cache predictions are outside [0, 1]")
         try:

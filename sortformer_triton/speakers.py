@@ -20,7 +20,7 @@ step ends a stream's audio. Names are also settable on START with the parameter 
 list of N_SPEAKERS names, "" for unnamed), e.g. for a stream that starts from a saved speaker profile.
 
 Triton-free; the postprocessor model (``python_backend/postprocessor``) calls it for every request, and
-``admission`` checks the START parameters with :func:`parse_stream_names` before any state moves.
+``admission`` checks the names with :func:`parse_stream_names` / :func:`parse_enroll` before any state moves.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .presets import N_SPEAKERS
+from .timeline import bool_parameter
 
 ENROLL_PARAMETER = "enroll"
 ENROLL_OVERWRITE_PARAMETER = "enroll_overwrite"
@@ -68,16 +69,10 @@ def check_names(names: Sequence[object]) -> List[str]:
     return out
 
 
-def _parameters(text: str) -> Mapping[str, object]:
-    values = json.loads(text) if text else {}
-    if not isinstance(values, dict):
-        raise EnrollmentError(f"request parameters must be a JSON object, got {text!r}")
-    return values
-
-
-def parse_stream_names(text: str) -> List[str]:
-    """The slot names a START request's parameters (JSON ``text``) set: ``speaker_names`` or none."""
-    raw = _parameters(text).get(SPEAKER_NAMES_PARAMETER)
+def parse_stream_names(values: Mapping[str, object]) -> List[str]:
+    """The slot names a START request's parameters (``timeline.parse_request_parameters``) set:
+    ``speaker_names`` or none."""
+    raw = values.get(SPEAKER_NAMES_PARAMETER)
     if raw is None:
         return [""] * N_SPEAKERS
     if isinstance(raw, str):
@@ -88,15 +83,10 @@ def parse_stream_names(text: str) -> List[str]:
     return check_names(raw)
 
 
-def parse_enroll(text: str) -> Tuple[Optional[str], bool]:
+def parse_enroll(values: Mapping[str, object]) -> Tuple[Optional[str], bool]:
     """(name, overwrite) of a request whose parameters say ``enroll``; (None, False) otherwise."""
-    values = _parameters(text)
     name = values.get(ENROLL_PARAMETER)
-    overwrite = values.get(ENROLL_OVERWRITE_PARAMETER, False)
-    if isinstance(overwrite, str) and overwrite.lower() in ("true", "false", "1", "0"):
-        overwrite = overwrite.lower() in ("true", "1")
-    if not isinstance(overwrite, bool):
-        raise EnrollmentError(f"{ENROLL_OVERWRITE_PARAMETER} must be a bool, got {overwrite!r}")
+    overwrite = bool_parameter(values, ENROLL_OVERWRITE_PARAMETER)
     if name is None:
         return None, False
     return check_name(name, "enrollment name"), overwrite

@@ -130,13 +130,24 @@ def parse_segment_params(values: Mapping[str, object], base: Optional[SegmentPar
     return dataclasses.replace(base or SegmentParams(), **changes)
 
 
-def request_segment_params(text: str, base: Optional[SegmentParams] = None) -> SegmentParams:
-    """The segment parameters of a START request whose Triton ``parameters`` are the JSON ``text`` (what a
-    Python model's ``request.parameters()`` returns), over ``base``; ValueError says what is wrong."""
+def parse_request_parameters(text: str) -> Dict[str, object]:
+    """A request's Triton ``parameters``, the JSON ``text`` a Python model's ``request.parameters()``
+    returns, as a dict (parse it once per request: segment parameters, names, enrollment, profile flags
+    all read from it); ValueError says what is wrong."""
     values = json.loads(text) if text else {}
     if not isinstance(values, dict):
         raise ValueError(f"request parameters must be a JSON object, got {text!r}")
-    return parse_segment_params(values, base)
+    return values
+
+
+def bool_parameter(values: Mapping[str, object], name: str) -> bool:
+    """A request parameter that is a bool (or "true"/"false"/"1"/"0", as some clients send); False if absent."""
+    value = values.get(name, False)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        value = value.lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

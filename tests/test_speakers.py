@@ -27,6 +27,7 @@ from tests.test_gateway import browser  # noqa: F401 (a fixture: headless Chromi
 from sortformer_triton import contract
 from sortformer_triton.presets import N_SPEAKERS, get_preset
 from sortformer_triton.samples import conversation, espeak_conversation
+from sortformer_triton.timeline import parse_request_parameters
 from sortformer_triton.speakers import (
     MIN_ENROLL_SPEECH_FRAMES,
     EnrollmentError,
@@ -116,10 +117,11 @@ def test_names() -> None:
     for bad in ("", "Alice Smith", "tab\there", "x" * 65, 7, "nul\x00"):
         with pytest.raises(EnrollmentError):
             check_name(bad)
-    assert parse_stream_names(json.dumps({"speaker_names": json.dumps(["A", "", "B", ""])})) == ["A", "", "B", ""]
+    text = json.dumps({"speaker_names": json.dumps(["A", "", "B", ""])})  # what request.parameters() returns
+    assert parse_stream_names(parse_request_parameters(text)) == ["A", "", "B", ""]
     for bad in (["A", "A", "", ""], ["A"], "A,B"):
         with pytest.raises(EnrollmentError):
-            parse_stream_names(json.dumps({"speaker_names": bad}))
+            parse_stream_names(parse_request_parameters(json.dumps({"speaker_names": bad})))
 
 
 # ---- profile files --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Triton Python-backend model ``admission``: the first step of every ``diarizer_<preset>`` ensemble.
 
 A START whose segment parameters the postprocessor would refuse is refused here, with the same parsing
-(``timeline.request_segment_params`` over the same config defaults), before the stateful models see the
+(``timeline.parse_segment_params`` over the same config defaults), before the stateful models see the
 request: a START they ran holds a sequence slot in each of them until END or the idle timeout, and a raw
 client that never sends END would hold it that long (16 refused STARTs blocked a preset for a minute).
 An ensemble stops at a step's error, and the preprocessor step reads ``ADMITTED_AUDIO_LENGTH`` from here,
@@ -37,7 +37,7 @@ from sortformer_triton import contract  # noqa: E402  (needs the path fix above)
 from sortformer_triton.sequences import config_parameters  # noqa: E402
 from sortformer_triton.profiles import parse_save_profile  # noqa: E402
 from sortformer_triton.speakers import parse_enroll, parse_stream_names  # noqa: E402
-from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_request_parameters, parse_segment_params  # noqa: E402
 
 
 class TritonPythonModel:
@@ -57,12 +57,12 @@ class TritonPythonModel:
         start = False
         try:
             start = bool(request.flags() & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
-            text = request.parameters()
+            values = parse_request_parameters(request.parameters())
             if start:
-                request_segment_params(text, self.params)
-                parse_stream_names(text)
-            parse_enroll(text)  # every request: a bad name refused here moves no state
-            save = parse_save_profile(text)
+                parse_segment_params(values, self.params)
+                parse_stream_names(values)
+            parse_enroll(values)  # every request: a bad name refused here moves no state
+            save = parse_save_profile(values)
             length = pb_utils.get_input_tensor_by_name(request, contract.AUDIO_LENGTH)
             if length is None:
                 raise ValueError(f"input {contract.AUDIO_LENGTH} is missing")

@@ -60,7 +60,7 @@ from sortformer_triton.profiles import saved_in  # noqa: E402
 from sortformer_triton.segments_codec import StreamPostprocessor, pad_rows  # noqa: E402
 from sortformer_triton.speakers import parse_enroll, parse_stream_names  # noqa: E402
 from sortformer_triton.sequences import SequenceStore, config_parameters, ttl_from_model_config  # noqa: E402
-from sortformer_triton.timeline import parse_segment_params, request_segment_params  # noqa: E402
+from sortformer_triton.timeline import parse_request_parameters, parse_segment_params  # noqa: E402
 
 PRESET_TTL_PARAMETER = "preset_state_ttl_seconds"  # sortformer_triton.repository.PRESET_TTL_PARAMETER
 
@@ -145,10 +145,10 @@ class TritonPythonModel:
         chunk_len = confirmed.shape[-2]
         store = self._store(f"{chunk_len},{tentative.shape[-2]}")  # one postprocessor, every preset
         try:
-            text = request.parameters()
+            values = parse_request_parameters(request.parameters())
             if start:
-                params = request_segment_params(text, self.params)
-                names = parse_stream_names(text)
+                params = parse_segment_params(values, self.params)
+                names = parse_stream_names(values)
                 stream = store.start(corrid, lambda: StreamPostprocessor(
                     params, contract.segment_rows(chunk_len), chunk_len, names))
             else:
@@ -158,7 +158,7 @@ class TritonPythonModel:
                         f"unknown sequence (CORRID {corrid}): its first request must carry START, or it "
                         f"ended, or it was idle > {store.ttl_seconds:g} s and expired")
             _refuse_bad_audio(request, end, chunk_len, stream)
-            enroll, overwrite = parse_enroll(text)
+            enroll, overwrite = parse_enroll(values)
             out = stream.step(
                 confirmed=confirmed,
                 n_confirmed=passed[contract.N_CONFIRMED],
