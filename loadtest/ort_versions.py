@@ -8,7 +8,7 @@ state would) in each requested onnxruntime version and prints, per version: the 
 the sortformer step and of the preprocessor step, the ratio to the first version, and the largest
 difference of the predictions from the first version's.
 
-Each version runs in a venv of its own (``build/ort-venvs/onnxruntime-<version>``: numpy +
+Each version runs in a venv of its own (``build/venvs/onnxruntime-<version>``: numpy +
 onnxruntime from PyPI, created on first use) unless the running interpreter already has it. The
 versions run alternately, ``--rounds`` times each, and every figure is the best round's, so a noisy
 neighbour on a shared machine hurts all versions alike.
@@ -32,9 +32,10 @@ from sortformer_triton import contract
 from sortformer_triton.presets import get_preset
 from sortformer_triton.samples import conversation
 
+from sortformer_triton.venvs import side_venv
+
 from .common import REPO_ROOT, load_average, machine_info, replace_marked_section
 
-VENV_ROOT = REPO_ROOT / "build" / "ort-venvs"
 NUMPY_PIN = "numpy==1.26.4"
 WARMUP_STEPS = 3
 MARKER = "ort-versions"
@@ -109,18 +110,10 @@ def _current_version() -> Optional[str]:
 
 
 def interpreter_for(version: str) -> Path:
-    """This interpreter if it has onnxruntime ``version``; else a venv with it (created once)."""
+    """This interpreter if it has onnxruntime ``version``; else a side venv with it (created once)."""
     if _current_version() == version:
         return Path(sys.executable)
-    venv = VENV_ROOT / f"onnxruntime-{version}"
-    python = venv / "bin" / "python"
-    stamp = venv / ".installed"
-    if not stamp.exists():
-        print(f"creating {venv} (onnxruntime=={version}, {NUMPY_PIN}) ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", NUMPY_PIN, f"onnxruntime=={version}"], check=True)
-        stamp.touch()
-    return python
+    return side_venv(f"onnxruntime-{version}", [NUMPY_PIN, f"onnxruntime=={version}"])
 
 
 def run(repository: Path, preset_name: str, versions: Sequence[str], seconds: float, threads: int,
