@@ -124,6 +124,31 @@ ARCHITECTURES: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The offline Sortformer v1 (nvidia/diar_sortformer_4spk-v1): NeMo's sortformer_diarizer_hybrid_loss_4spk-v1
+# values. 80-bin log-mel normalized per feature over the whole recording, 18 FastConformer layers, no streaming.
+OFFLINE_HF_ID = "nvidia/diar_sortformer_4spk-v1"
+
+
+def _offline_arch(fc_d_model: int, tf_d_model: int, n_layers: int, n_heads: int, conv_channels: int,
+                  tf_layers: int, tf_inner: int, tf_heads: int) -> Dict[str, Any]:
+    cfg = _arch(fc_d_model, tf_d_model, n_layers, n_heads, conv_channels, tf_layers, tf_inner, tf_heads)
+    cfg["streaming_mode"] = False
+    cfg["preprocessor"].update({"normalize": "per_feature", "features": 80})
+    cfg["encoder"]["feat_in"] = 80
+    for key in ("spkcache_len", "fifo_len", "chunk_len", "spkcache_update_period", "chunk_left_context",
+                "chunk_right_context", "spkcache_sil_frames_per_spk", "causal_attn_rate", "causal_attn_rc"):
+        cfg["sortformer_modules"].pop(key)
+    return cfg
+
+
+OFFLINE_ARCHITECTURES: Dict[str, Dict[str, Any]] = {
+    # the released v1 size: 18 FastConformer layers (512), 18 Transformer layers (192), ~123M parameters
+    "full": _offline_arch(512, 192, n_layers=18, n_heads=8, conv_channels=256, tf_layers=18, tf_inner=768,
+                          tf_heads=8),
+    "tiny": _offline_arch(64, 32, n_layers=2, n_heads=4, conv_channels=16, tf_layers=2, tf_inner=64, tf_heads=4),
+}
+
+
 def _quiet_nemo() -> None:
     os.environ.setdefault("NEMO_TESTING", "0")
     try:
@@ -147,7 +172,7 @@ VOICES = ("synthetic", "espeak")
 
 
 def random_model(size: str, seed: int = 0, calibrate: bool = True, saturated: bool = False,
-                 voices: str = "synthetic", margin: Optional[float] = None):
+                 voices: str = "synthetic", margin: Optional[float] = None, offline: bool = False):
     """Random init of the real architecture.
 
     With ``calibrate`` (default) the speaker head alone is then fitted by ridge regression to a 4-speaker
@@ -162,12 +187,13 @@ def random_model(size: str, seed: int = 0, calibrate: bool = True, saturated: bo
     from omegaconf import OmegaConf
     from nemo.collections.asr.models import SortformerEncLabelModel
 
-    if size not in ARCHITECTURES:
-        raise SourceError(f"unknown random architecture {size!r}; choose one of {', '.join(ARCHITECTURES)}")
+    table = OFFLINE_ARCHITECTURES if offline else ARCHITECTURES
+    if size not in table:
+        raise SourceError(f"unknown random architecture {size!r}; choose one of {', '.join(table)}")
     _quiet_nemo()
     torch.manual_seed(seed)
-    cfg = OmegaConf.create(copy.deepcopy(ARCHITECTURES[size]))
-    model = prepare(SortformerEncLabelModel(cfg=cfg))
+    cfg = OmegaConf.create(copy.deepcopy(table[size]))
+    model = (prepare_offline if offline else prepare)(SortformerEncLabelModel(cfg=cfg))
     if calibrate or saturated:
         if margin is None:
             margin = SATURATED_MARGIN if saturated else CALIBRATED_MARGIN
@@ -253,18 +279,22 @@ def calibrate_head(model, seed: int = 0, seconds: float = 90.0, margin: float = 
         mods.single_hidden_to_spks.bias.copy_(torch.from_numpy(w[-1]).float())
 
 
-def load_model(source: str, seed: int = 0):
-    """Load from ``full``/``tiny`` (random init), a ``.nemo`` path, or a Hugging Face id."""
+def load_model(source: str, seed: int = 0, offline: bool = False):
+    """Load from ``full``/``tiny`` (random init), a ``.nemo`` path, or a Hugging Face id.
+
+    ``offline``: the offline Sortformer v1 family (``nvidia/diar_sortformer_4spk-v1``: whole-recording
+    features, no streaming) instead of the streaming v2/v2.1 one."""
     if source in RANDOM_SOURCES:
-        return random_model(source, seed=seed)
+        return random_model(source, seed=seed, offline=offline)
     from nemo.collections.asr.models import SortformerEncLabelModel
 
     _quiet_nemo()
     path = Path(source)
+    fallback = "--offline-model full" if offline else "--model full"
     if source.endswith(".nemo") or path.exists():
         if not path.is_file():
             raise SourceError(f"model file not found: {source}")
-        model = _restore_nemo(path)
+        model = _restore_nemo(path, streaming=not offline)
     else:
         if "/" not in source:
             raise SourceError(
@@ -276,12 +306,12 @@ def load_model(source: str, seed: int = 0):
         except Exception as exc:  # noqa: BLE001 - re-raised with the reason a user needs
             raise SourceError(
                 f"could not load {source!r} from Hugging Face ({type(exc).__name__}: {exc}). It needs internet "
-                "access; use a local .nemo file or --model full for a random-init model of the real architecture."
+                f"access; use a local .nemo file or {fallback} for a random-init model of the real architecture."
             ) from exc
-    return prepare(model)
+    return prepare_offline(model) if offline else prepare(model)
 
 
-def _restore_nemo(path: Path):
+def _restore_nemo(path: Path, streaming: bool = True):
     from nemo.collections.asr.models import SortformerEncLabelModel
     from nemo.core.classes import ModelPT
 
@@ -295,8 +325,11 @@ def _restore_nemo(path: Path):
             f"{path} holds a {target or 'model of unknown class'}, not a Sortformer diarizer "
             "(nemo.collections.asr.models.SortformerEncLabelModel)"
         )
-    if not cfg.get("streaming_mode", False):
-        raise SourceError(f"{path} is not a streaming Sortformer (streaming_mode is false)")
+    if streaming and not cfg.get("streaming_mode", False):
+        raise SourceError(f"{path} is not a streaming Sortformer (streaming_mode is false); an offline Sortformer "
+                          "(e.g. diar_sortformer_4spk-v1) exports with --offline-model")
+    if not streaming and cfg.get("streaming_mode", False):
+        raise SourceError(f"{path} is a streaming Sortformer (streaming_mode is true); export it with --model")
     return SortformerEncLabelModel.restore_from(str(path), map_location="cpu")
 
 
@@ -308,14 +341,31 @@ def prepare(model):
     return model
 
 
+def prepare_offline(model):
+    """Eval mode on CPU, an offline model (streaming_mode false) whose features the offline graph computes."""
+    model = model.to("cpu").eval()
+    if getattr(model, "streaming_mode", False):
+        raise SourceError("this is a streaming Sortformer (streaming_mode is true); export it with --model")
+    norm = model.cfg.preprocessor.get("normalize", None)
+    if norm not in ("per_feature", None, "NA", "None", "none", ""):
+        raise SourceError(f"unsupported feature normalization {norm!r} for the offline export (per_feature or none)")
+    _check_features(model, mel_bins=None)
+    return model
+
+
 def check_causal_features(model) -> None:
     cfg = model.cfg.preprocessor
     norm = cfg.get("normalize", None)
     if norm not in (None, "NA", "None", "none", ""):
         raise SourceError(
             f"the model's preprocessor normalizes features per utterance (normalize={norm!r}); that needs the whole "
-            "recording and cannot be computed while streaming. Released streaming checkpoints use normalize: NA."
+            "recording and cannot be computed while streaming. Released streaming checkpoints use normalize: NA. "
+            "An offline Sortformer (e.g. nvidia/diar_sortformer_4spk-v1) exports with --offline-model."
         )
+    _check_features(model, mel_bins=128)
+
+
+def _check_features(model, mel_bins: Optional[int]) -> None:
     feats = model.preprocessor.featurizer
     problems = []
     if int(feats.n_fft) != 512 or int(feats.hop_length) != 160 or int(feats.win_length) != 400:
@@ -324,14 +374,16 @@ def check_causal_features(model) -> None:
         problems.append("exact_pad STFT")
     if int(feats.frame_splicing) != 1:
         problems.append(f"frame_splicing={feats.frame_splicing}")
-    if feats.fb.shape[1] != 128:
-        problems.append(f"{feats.fb.shape[1]} mel bins, expected 128")
+    if mel_bins is not None and feats.fb.shape[1] != mel_bins:
+        problems.append(f"{feats.fb.shape[1]} mel bins, expected {mel_bins}")
     if not feats.log or feats.log_zero_guard_type != "add":
         problems.append("features are not log(x + guard)")
+    if float(getattr(feats, "mag_power", 2.0)) != 2.0:
+        problems.append(f"mag_power={feats.mag_power}, expected 2 (power spectrum)")
     if int(model.encoder.subsampling_factor) != 8:
         problems.append(f"subsampling factor {model.encoder.subsampling_factor}, expected 8")
     if problems:
-        raise SourceError("unsupported feature configuration for streaming export: " + "; ".join(problems))
+        raise SourceError("unsupported feature configuration for export: " + "; ".join(problems))
 
 
 def count_parameters(model) -> int:

@@ -1,0 +1,158 @@
+"""The offline Sortformer (v1, ``nvidia/diar_sortformer_4spk-v1``) as one ONNX graph: padded audio -> predictions.
+
+NeMo's ``SortformerEncLabelModel.forward`` with ``streaming_mode`` false, for a batch of recordings of different
+lengths (each row zero-padded, its length given):
+
+1. the waveform scaled by ``1 / (max + eps)``. NeMo takes the max over the *whole batch* (``audio_signal.max()``),
+   so its result for a recording depends on what it is batched with; here the max is the row's own (its valid
+   samples), i.e. NeMo's forward on that recording alone, whatever Triton's dynamic batcher puts next to it;
+2. NeMo's log-mel (pre-emphasis, centred zero-padded STFT, power, mel, log(x + guard)) in float64, as the
+   streaming feature graph computes it (``graphs.StreamingFeatures.log_mel``), frames ``length // 160``;
+3. per-feature normalization over the row's valid frames (mean, unbiased std + 1e-5), padding set to 0;
+4. NeMo's own FastConformer encoder (its subsampling masks padding, so padded rows equal unpadded ones),
+   Transformer encoder and speaker head, traced as they are.
+
+Outputs: PREDS [batch, frames, 4] (zero past the row's frames) and N_FRAMES [batch, 1]. The time axis is
+variable; the positional encoding is sized for ``max_samples`` (longer audio is refused by ``offline_admission``
+before it reaches the graph).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Dict
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from sortformer_triton import contract, offline
+from sortformer_triton.presets import HOP_SAMPLES, N_FFT, SUBSAMPLING
+
+from .onnx_export import BATCH_DIM, IR_VERSION, METADATA_KEY, OPSET, ExportShapeError, weights_digest
+
+NORMALIZE_CONSTANT = 1e-5  # NeMo's features.CONSTANT, added to the per-feature std
+
+
+class OfflineDiarizer(nn.Module):
+    """Padded 16 kHz audio [B, N] + lengths [B, 1] -> NeMo's offline predictions [B, T, 4] + frame counts."""
+
+    def __init__(self, model, max_samples: int):
+        super().__init__()
+        feats = model.preprocessor.featurizer
+        self.preemph = float(feats.preemph) if feats.preemph is not None else 0.0
+        self.guard = float(feats.log_zero_guard_value_fn(torch.zeros(1)))
+        self.eps = float(model.eps)
+        norm = model.cfg.preprocessor.get("normalize", None)
+        self.per_feature = norm == "per_feature"
+        win = feats.window.detach().float()
+        pad = (N_FFT - win.numel()) // 2
+        window = torch.zeros(N_FFT)
+        window[pad: pad + win.numel()] = win
+        n = torch.arange(N_FFT, dtype=torch.float64)
+        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
+        ang = 2 * math.pi * torch.outer(n, k) / N_FFT
+        self.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
+        self.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
+        self.register_buffer("mel_fb", feats.fb.detach()[0].double().t().contiguous())  # [257, mels]
+        self.encoder = model.encoder
+        self.transformer = model.transformer_encoder
+        self.mods = model.sortformer_modules
+        # the relative positional encoding must cover the longest admitted recording (NeMo grows it lazily)
+        self.encoder.set_max_audio_length(max_samples // HOP_SAMPLES + 2 * SUBSAMPLING)
+
+    def features(self, audio: Tensor, length: Tensor) -> Tensor:
+        """[B, N] audio, [B] lengths -> [B, mels, N // 160] NeMo features (normalized, zero past each row)."""
+        b, n = audio.shape
+        t = torch.arange(n, device=audio.device).unsqueeze(0)
+        valid = t < length.unsqueeze(1)
+        x = torch.where(valid, audio, torch.zeros_like(audio))
+        peak = torch.where(valid, audio, torch.full_like(audio, -3.0e38)).amax(dim=1, keepdim=True)
+        x = x * (1.0 / (peak + self.eps))  # NeMo's float32 scaling, with the row's own max
+        xd = x.to(torch.float64)
+        prev = torch.cat([torch.zeros_like(xd[:, :1]), xd[:, :-1]], dim=1)
+        xs = torch.where(valid, xd - self.preemph * prev, torch.zeros_like(xd))
+        half = N_FFT // 2
+        padded = torch.cat([torch.zeros_like(xs[:, :half]), xs, torch.zeros_like(xs[:, :half])], dim=1)
+        frames_total = torch.div(torch._shape_as_tensor(audio)[1], HOP_SAMPLES, rounding_mode="floor")
+        idx = (torch.arange(frames_total, device=audio.device).unsqueeze(1) * HOP_SAMPLES
+               + torch.arange(N_FFT, device=audio.device).unsqueeze(0))
+        frames = padded[:, idx]  # [B, T, 512]
+        re = torch.matmul(frames, self.dft_cos)
+        im = torch.matmul(frames, self.dft_sin)
+        mel = torch.log(torch.matmul(re * re + im * im, self.mel_fb) + self.guard)  # [B, T, mels] float64
+        n_frames = torch.div(length, HOP_SAMPLES, rounding_mode="floor")
+        fmask = (torch.arange(mel.shape[1], device=audio.device).unsqueeze(0) < n_frames.unsqueeze(1)).unsqueeze(2)
+        mel = mel.to(torch.float32)
+        if self.per_feature:
+            count = n_frames.to(torch.float32).clamp(min=1.0).reshape(b, 1, 1)
+            mean = torch.where(fmask, mel, torch.zeros_like(mel)).sum(dim=1, keepdim=True) / count
+            dev = torch.where(fmask, mel - mean, torch.zeros_like(mel))
+            std = torch.sqrt((dev * dev).sum(dim=1, keepdim=True) / (count - 1.0).clamp(min=1.0))
+            mel = (mel - mean) / (std + NORMALIZE_CONSTANT)
+        mel = torch.where(fmask, mel, torch.zeros_like(mel))
+        return mel.transpose(1, 2), n_frames
+
+    def forward(self, audio: Tensor, audio_length: Tensor):
+        length = audio_length.reshape(-1).to(torch.int64).clamp(min=0).clamp(max=audio.shape[1])
+        feats, n_frames = self.features(audio, length)
+        emb, emb_len = self.encoder(audio_signal=feats, length=n_frames)
+        emb = emb.transpose(1, 2)
+        if self.mods.encoder_proj is not None:
+            emb = self.mods.encoder_proj(emb)
+        mask = (torch.arange(emb.shape[1], device=emb.device).unsqueeze(0) < emb_len.unsqueeze(1))
+        hidden = self.transformer(encoder_states=emb, encoder_mask=mask.to(emb.dtype))
+        preds = self.mods.forward_speaker_sigmoids(hidden) * mask.unsqueeze(-1).to(emb.dtype)
+        return preds, emb_len.to(torch.int64).unsqueeze(1)
+
+
+def _declare(model: onnx.ModelProto) -> None:
+    """Batch and time dims symbolic, the speaker dim static, as the contract says."""
+    want = {t.name: t.dims for t in offline.sortformer_io().inputs + offline.sortformer_io().outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        expected = want[value.name]
+        if len(dims) != len(expected) + 1:
+            raise ExportShapeError(f"offline graph tensor {value.name} has rank {len(dims)}, expected "
+                                   f"[batch, *{list(expected)}]")
+        dims[0].Clear()
+        dims[0].dim_param = BATCH_DIM
+        for i, size in enumerate(expected, start=1):
+            dims[i].Clear()
+            if size == -1:
+                dims[i].dim_param = f"{value.name}_{i}"
+            else:
+                dims[i].dim_value = size
+
+
+def export_offline(model, path: Path, source: str, max_samples: int) -> Path:
+    """Write the offline graph (IR 8, opset 17, as the streaming graphs) with its metadata."""
+    module = OfflineDiarizer(model, max_samples).eval()
+    io = offline.sortformer_io()
+    names = [t.name for t in io.inputs]
+    outputs = [t.name for t in io.outputs]
+    example = (torch.zeros(2, 3 * 16000), torch.tensor([[3 * 16000], [2 * 16000]], dtype=torch.int64))
+    dynamic: Dict[str, Dict[int, str]] = {contract.AUDIO: {0: BATCH_DIM, 1: "samples"},
+                                          contract.AUDIO_LENGTH: {0: BATCH_DIM},
+                                          offline.PREDS: {0: BATCH_DIM, 1: "frames"}, offline.N_FRAMES: {0: BATCH_DIM}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=names, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    graph = onnx.load(str(path))
+    _declare(graph)
+    graph.ir_version = IR_VERSION
+    opsets = {o.domain or "": o.version for o in graph.opset_import}
+    if opsets != {"": OPSET}:
+        raise ExportShapeError(f"torch wrote opsets {opsets}, expected only the default domain at {OPSET}")
+    entry = graph.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps({"graph": "sortformer_offline", "source": source, "max_samples": max_samples,
+                              "emb_dim": int(model.cfg.encoder.d_model), "weights": weights_digest(model)},
+                             sort_keys=True)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+    return path
