@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from sortformer_triton import contract, repository, validator
+from sortformer_triton import contract, offline, repository, validator
 from sortformer_triton.presets import PRESETS, Preset, PresetError
 
-from .models import DEFAULT_HF_ID, SourceError
+from .models import DEFAULT_HF_ID, OFFLINE_HF_ID, SourceError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_MODELS = {
@@ -28,6 +28,11 @@ PYTHON_MODELS = {
     "postprocessor": ROOT / "python_backend" / "postprocessor" / "model.py",
     "admission": ROOT / "python_backend" / "admission" / "model.py",
 }
+OFFLINE_PYTHON_MODELS = {  # model name -> model.py of the offline diarizer's Python models
+    offline.ADMISSION: ROOT / "python_backend" / "offline_admission" / "model.py",
+    offline.POSTPROCESSOR: ROOT / "python_backend" / "offline_postprocessor" / "model.py",
+}
+OFFLINE_LOCAL_GRAPH = ROOT / "python_backend" / "offline_onnx" / "model.py"  # sortformer_offline, local flavour
 INFO_FILE = "export_info.json"
 
 log = logging.getLogger("export")
@@ -45,6 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             "  python -m export --model full                     # random init of the real architecture\n"
             "  python -m export --model tiny --out build/tiny --preset low\n"
             "  python -m export --model full --custom-name mine --chunk-len 12 --right-context 3\n"
+            "  python -m export --model tiny --out build/tiny --offline-model tiny   # + the offline v1 diarizer\n"
         ),
     )
     ap.add_argument("--model", default=DEFAULT_HF_ID,
@@ -71,6 +77,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="seconds without a request after which Triton ends a sequence and frees its slot "
                          f"(default: per preset, {repository.IDLE_STEPS} steps and at least "
                          f"{repository.IDLE_MIN_SECONDS} s)")
+    off = ap.add_argument_group("offline diarizer", "also serve an offline Sortformer (v1) as diarizer_offline: whole "
+                                "recordings, dynamic batching, no streaming state")
+    off.add_argument("--offline-model", metavar="SOURCE",
+                     help=f"Hugging Face id ({OFFLINE_HF_ID}: needs internet), a .nemo file, or 'full'/'tiny' "
+                          "for random init of the v1 architecture")
+    off.add_argument("--offline-max-seconds", type=float, default=offline.DEFAULT_MAX_SECONDS,
+                     help="longest recording one request may carry (default %(default)s s: v1's training sessions; "
+                          "full attention makes memory grow with its square)")
     custom = ap.add_argument_group("custom preset", "add a preset of your own (all sizes in 80 ms frames)")
     custom.add_argument("--custom-name", help="name of the custom preset (lower-case letters, digits, _)")
     custom.add_argument("--chunk-len", type=int)
@@ -110,13 +124,15 @@ def _place(src: Path, dst: Path) -> None:
 
 
 def export_repository(model, source: str, out: Path, presets: Sequence[Preset], flavours: Sequence[str],
-                      **config_kw) -> dict:
+                      offline_model=None, offline_source: Optional[str] = None,
+                      offline_max_seconds: float = offline.DEFAULT_MAX_SECONDS, **config_kw) -> dict:
     """Write graphs + configs + Python models for `presets` into `out/<flavour>`; returns the export info.
 
     Everything is written into a staging directory under `out` first; the production flavour must pass
     ``sortformer_triton.validator`` (the onnxruntime backend's load-time rules) before any flavour
     replaces `out/<flavour>` as a whole. A refused export raises ProductionRepositoryError and leaves
-    `out` as it was.
+    `out` as it was. ``offline_model`` (an offline Sortformer from ``load_model(..., offline=True)``) adds
+    ``diarizer_offline`` for recordings up to ``offline_max_seconds``.
     """
     emb_dim = int(model.cfg.encoder.d_model)
     if out.resolve() == repository.REPOSITORY_ROOT.resolve() and emb_dim != repository.FULL_EMB_DIM:
@@ -127,7 +143,14 @@ def export_repository(model, source: str, out: Path, presets: Sequence[Preset], 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
     try:
+        if offline_model is not None:
+            config_kw["offline_max_samples"] = offline.max_samples_for(offline_max_seconds)
         info = _write_flavours(model, source, staging, presets, flavours, emb_dim, **config_kw)
+        if offline_model is not None:
+            info["offline"] = _write_offline(offline_model, offline_source or "?", staging, flavours,
+                                             config_kw["offline_max_samples"])
+            for flavour in flavours:
+                (staging / flavour / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if "production" in flavours:
             validator.require_valid(staging / "production", shown_as=out / "production")
             log.info("production repository passes the onnxruntime backend's load-time rules (%s)",
@@ -179,6 +202,26 @@ def _write_flavours(model, source: str, out: Path, presets: Sequence[Preset], fl
     return info
 
 
+def _write_offline(model, source: str, out: Path, flavours: Sequence[str], max_samples: int) -> dict:
+    """The offline graph into every flavour, and its Python models (configs are written with the rest)."""
+    from .offline import export_offline
+
+    t0 = time.perf_counter()
+    graph = export_offline(model, out / flavours[0] / offline.SORTFORMER / "1" / repository.ONNX_FILE, source,
+                           max_samples)
+    log.info("exported the offline diarizer in %.1f s", time.perf_counter() - t0)
+    for flavour in flavours:
+        root = out / flavour
+        if flavour != flavours[0]:
+            _place(graph, root / offline.SORTFORMER / "1" / repository.ONNX_FILE)
+        if flavour == "local":
+            shutil.copy2(OFFLINE_LOCAL_GRAPH, root / offline.SORTFORMER / "1" / "model.py")
+        for name, path in OFFLINE_PYTHON_MODELS.items():
+            shutil.copy2(path, root / name / "1" / "model.py")
+    return {"source": source, "random_init": source in ("full", "tiny"), "max_samples": max_samples,
+            "emb_dim": int(model.cfg.encoder.d_model), "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -192,9 +235,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.model in ("full", "tiny"):
             print(f"NOTE: {args.model!r} is a RANDOM-INIT model of the real architecture (no trained weights); "
                   "its diarization is meaningless, its serving behaviour and speed are real.", file=sys.stderr)
+        offline_model = None
+        if args.offline_model:
+            offline_model = load_model(args.offline_model, seed=args.seed, offline=True)
+            if args.offline_model in ("full", "tiny"):
+                print(f"NOTE: --offline-model {args.offline_model!r} is a RANDOM-INIT offline Sortformer (v1 "
+                      "architecture, no trained weights).", file=sys.stderr)
         flavours = list(repository.FLAVOURS) if args.flavour == "both" else [args.flavour]
         info = export_repository(
             model, args.model, args.out, presets, flavours,
+            offline_model=offline_model, offline_source=args.offline_model,
+            offline_max_seconds=args.offline_max_seconds,
             max_batch_size=args.max_batch_size, max_candidate_sequences=args.max_candidate_sequences,
             instance_kind=args.instance_kind, sequence_idle_seconds=args.sequence_idle_seconds,
         )

@@ -29,7 +29,7 @@ ADMITTED_AUDIO_LENGTH = "ADMITTED_AUDIO_LENGTH"
 
 DEFAULT_MAX_SECONDS = 90.0
 BUCKET_SAMPLES = 5 * SAMPLE_RATE  # clients pad AUDIO to a multiple of 5 s
-MAX_SECONDS_PARAMETER = "max_samples"  # config parameter of offline_admission
+MAX_SAMPLES_PARAMETER = "max_samples"  # config parameter of offline_admission
 
 
 def sortformer_io() -> ModelIO:
@@ -68,25 +68,28 @@ def padded_length(n_samples: int, max_samples: Optional[int] = None) -> int:
 
 
 def request_error(audio: np.ndarray, length: np.ndarray, max_samples: int) -> Optional[str]:
-    """Why one request (AUDIO [N], AUDIO_LENGTH [1]) is refused, or None. Checked before any compute."""
-    if audio.ndim != 1:
-        return f"AUDIO must be [samples] (one recording per request), got shape {list(audio.shape)}"
-    if audio.shape[0] > max_samples:
-        return (f"AUDIO holds {audio.shape[0]} samples ({audio.shape[0] / SAMPLE_RATE:.1f} s); this offline "
-                f"model takes at most {max_samples} ({max_samples / SAMPLE_RATE:.1f} s) per request: split the "
-                "recording, or stream it through a diarizer_<preset> ensemble")
-    if length.size != 1:
-        return f"AUDIO_LENGTH must hold one value, got {length.size}"
-    n = int(length.reshape(-1)[0])
-    if not FRAME_SAMPLES <= n <= audio.shape[0]:
-        return (f"AUDIO_LENGTH {n} must be between {FRAME_SAMPLES} (one 80 ms frame) and the {audio.shape[0]} "
-                "samples AUDIO holds")
-    valid = audio[:n]
-    if not np.isfinite(valid).all():
-        return "AUDIO holds NaN or Inf"
-    if np.abs(valid).max(initial=0.0) > MAX_ABS_AMPLITUDE:
-        return (f"AUDIO holds samples beyond +-{MAX_ABS_AMPLITUDE}: float audio is in [-1, 1] (int16 PCM must be "
-                "divided by 32768)")
+    """Why a request (AUDIO [rows, N], AUDIO_LENGTH [rows, 1]; rows = the client's batch, usually 1) is refused,
+    or None. Checked before any compute."""
+    if audio.ndim != 2:
+        return f"AUDIO must be [samples] (one recording per request), got shape {list(audio.shape[1:])}"
+    n = audio.shape[1]
+    if n > max_samples:
+        return (f"AUDIO holds {n} samples ({n / SAMPLE_RATE:.1f} s); this offline model takes at most "
+                f"{max_samples} ({max_samples / SAMPLE_RATE:.1f} s) per request: split the recording, or stream "
+                "it through a diarizer_<preset> ensemble")
+    lengths = length.reshape(-1)
+    if lengths.size != audio.shape[0]:
+        return f"AUDIO_LENGTH must hold one value per recording, got {lengths.size} for {audio.shape[0]}"
+    for row, valid in zip(audio, lengths):
+        if not FRAME_SAMPLES <= int(valid) <= n:
+            return (f"AUDIO_LENGTH {int(valid)} must be between {FRAME_SAMPLES} (one 80 ms frame) and the {n} "
+                    "samples AUDIO holds")
+        samples = row[: int(valid)]
+        if not np.isfinite(samples).all():
+            return "AUDIO holds NaN or Inf"
+        if np.abs(samples).max(initial=0.0) > MAX_ABS_AMPLITUDE:
+            return (f"AUDIO holds samples beyond +-{MAX_ABS_AMPLITUDE}: float audio is in [-1, 1] (int16 PCM must "
+                    "be divided by 32768)")
     return None
 
 
@@ -103,3 +106,50 @@ def split_batch(preds: np.ndarray, n_frames: np.ndarray) -> List[Tuple[np.ndarra
         k = int(np.clip(count, 0, row.shape[0]))
         out.append((np.ascontiguousarray(row[:k], dtype=np.float32), k))
     return out
+
+
+class OfflineRunner:
+    """The local flavour's ``sortformer_offline``: the same ONNX file in onnxruntime, as the onnxruntime backend
+    runs it under dynamic batching (requests whose AUDIO has the same length share one run)."""
+
+    def __init__(self, onnx_path: str, intra_op_threads: int = 2):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, batch: List[Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(AUDIO [rows, N], AUDIO_LENGTH [rows, 1]) per request -> (PREDS [rows, T, 4], N_FRAMES [rows, 1])."""
+        out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None] * len(batch)
+        by_length: dict = {}
+        for i, (audio, _) in enumerate(batch):
+            by_length.setdefault(audio.shape[1], []).append(i)
+        for group in by_length.values():
+            audio = np.concatenate([batch[i][0] for i in group]).astype(np.float32, copy=False)
+            length = np.concatenate([batch[i][1].reshape(-1, 1) for i in group]).astype(np.int64, copy=False)
+            preds, n_frames = self.session.run([PREDS, N_FRAMES], {AUDIO: audio, AUDIO_LENGTH: length})
+            row = 0
+            for i in group:
+                rows = batch[i][0].shape[0]
+                out[i] = (preds[row: row + rows], n_frames[row: row + rows])
+                row += rows
+        return out  # type: ignore[return-value]
+
+
+def segments_batch(preds: np.ndarray, n_frames: np.ndarray, params) -> Tuple[np.ndarray, np.ndarray]:
+    """The offline postprocessor's arithmetic: PREDS [rows, T, 4] + N_FRAMES [rows, 1] -> SEGMENTS [rows, S, 4]
+    (every segment finalized; S >= 1 rows, zeros after each row's count) + N_SEGMENTS [rows, 1] int32, with
+    ``timeline.segments_from_probs`` over each recording's valid frames (the same segments as a stream of the
+    same predictions gives at END)."""
+    from .segments_codec import pack_segments
+    from .timeline import segments_from_probs
+
+    per_row = [segments_from_probs(p, params) for p, _ in split_batch(preds, n_frames)]
+    width = max([1] + [len(s) for s in per_row])
+    rows = np.zeros((len(per_row), width, 4), np.float32)
+    counts = np.zeros((len(per_row), 1), np.int32)
+    for i, segments in enumerate(per_row):
+        rows[i], counts[i, 0] = pack_segments(segments, width)
+    return rows, counts

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from . import contract
+from . import contract, offline
 from .contract import ModelIO, Tensor
 from .presets import PRESETS, SAMPLE_RATE, Preset
 from .timeline import parse_segment_params
@@ -377,6 +377,51 @@ def ensemble_model(preset: Preset, opts: Options, resume: bool = False) -> mc.Mo
     )
 
 
+OFFLINE_QUEUE_DELAY_US = 5000  # recordings arrive together (a batch job): wait up to 5 ms to fill a batch
+
+
+def offline_models(flavour: str, opts: Options, max_samples: int,
+                   overrides: Optional[Mapping[str, Union[float, int]]]) -> Configs:
+    """``diarizer_offline`` and its steps (``sortformer_triton.offline``): a non-sequence ONNX model with dynamic
+    batching over recordings (production: the onnxruntime backend; local: the Python runner of the same file),
+    between a Python admission that refuses a request before any compute (too long, bad length, NaN/Inf, loud)
+    and a Python postprocessor that makes segments with the streaming postprocessor's defaults."""
+    _check_flavour(flavour)
+    off = offline
+    graph_io = off.sortformer_io()
+    batching = mc.ModelDynamicBatching(max_queue_delay_microseconds=OFFLINE_QUEUE_DELAY_US,
+                                       preferred_batch_size=_preferred_batch_sizes(opts.max_batch_size))
+    graph = mc.ModelConfig(
+        name=off.SORTFORMER, max_batch_size=opts.max_batch_size,
+        input=[_input(t) for t in graph_io.inputs], output=[_output(t) for t in graph_io.outputs],
+        dynamic_batching=batching, instance_group=[_instance_group(opts.instance_kind, opts.instance_count)])
+    if flavour == "local":
+        graph.backend = "python"
+        _set_params(graph, {"onnx_file": ONNX_FILE, "intra_op_threads": str(opts.intra_op_threads)})
+    else:
+        graph.backend = "onnxruntime"
+        graph.default_model_filename = ONNX_FILE
+    admission = _python_step(off.ADMISSION, off.admission_io(), opts, 0)
+    segment_defaults = {k: _format_param(k, v) for k, v in postprocessor_parameters(overrides).items()}
+    _set_params(admission, {off.MAX_SAMPLES_PARAMETER: str(int(max_samples)), **segment_defaults})
+    post_io = off.postprocessor_io()
+    post = _python_step(off.POSTPROCESSOR, post_io, opts, 0)
+    _set_params(post, segment_defaults)
+    internal = {t.name: contract.step_tensor(t.name) for t in graph_io.outputs}
+    ensemble_io = off.ensemble_io()
+    steps = [
+        _step(off.ADMISSION, off.admission_io(), [contract.AUDIO, contract.AUDIO_LENGTH], [off.ADMITTED_AUDIO_LENGTH]),
+        _step(off.SORTFORMER, graph_io, [contract.AUDIO, contract.AUDIO_LENGTH], [off.PREDS, off.N_FRAMES],
+              {**internal, contract.AUDIO_LENGTH: off.ADMITTED_AUDIO_LENGTH}),
+        _step(off.POSTPROCESSOR, post_io, [t.name for t in post_io.inputs], [t.name for t in post_io.outputs]),
+    ]
+    ensemble = mc.ModelConfig(
+        name=off.ENSEMBLE, platform="ensemble", max_batch_size=opts.max_batch_size,
+        input=[_input(t) for t in ensemble_io.inputs], output=[_output(t) for t in ensemble_io.outputs],
+        ensemble_scheduling=mc.ModelEnsembling(step=steps))
+    return {c.name: c for c in (graph, admission, post, ensemble)}
+
+
 def _check_flavour(flavour: str) -> None:
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
@@ -413,12 +458,14 @@ def model_configs(
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
     postprocessor_params: Optional[Mapping[str, Union[float, int]]] = None,
     sequence_idle_seconds: Optional[int] = None,
+    offline_max_samples: Optional[int] = None,
 ) -> Configs:
     """Every model config of one repository, keyed by model name, validated as a whole.
 
     ``instance_kind`` applies to the stateful ONNX models (``KIND_GPU`` for a GPU deployment); the
     postprocessor is plain Python and always runs on the CPU. ``sequence_idle_seconds`` replaces the
-    per-preset idle timeout (``idle_timeout_us``) of every model.
+    per-preset idle timeout (``idle_timeout_us``) of every model. ``offline_max_samples`` adds the offline
+    diarizer (``offline_models``) that takes recordings of up to that many samples.
     """
     _check_flavour(flavour)
     if emb_dim < 1:
@@ -438,6 +485,8 @@ def model_configs(
     configs[contract.POSTPROCESSOR] = postprocessor_model(
         {p: idle_of[p.name] for p in chosen}, opts, postprocessor_params)
     configs[contract.ADMISSION] = admission_model(opts, postprocessor_params)
+    if offline_max_samples is not None:
+        configs.update(offline_models(flavour, opts, offline_max_samples, postprocessor_params))
     for config in configs.values():
         if flavour == "production":
             check_state_pairing(config)
