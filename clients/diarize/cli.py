@@ -96,6 +96,7 @@ def _run_parser() -> argparse.ArgumentParser:
             f"  {PROG} live  [--input-wav FILE | --device DEV]                     microphone / live file\n"
             "\nexamples:\n"
             f"  {PROG} meeting.wav calls/ --url localhost:8001 --preset low --out results/ --concurrency 4\n"
+            f"  {PROG} clips/ --offline --out results/                  # the offline v1 model, one request a file\n"
             f"  {PROG} eval --ref refs/ --hyp results/ --collar 0.25\n"
             "\nexit status: 0 ok, 1 some files failed, 2 bad arguments or server/model unavailable"
         ),
@@ -107,6 +108,10 @@ def _run_parser() -> argparse.ArgumentParser:
                         help="output directory (default ./diarization)")
     parser.add_argument("--concurrency", type=int, default=4,
                         help="files diarized at once, each as its own sequence (default 4)")
+    parser.add_argument("--offline", action="store_true",
+                        help="use the server's offline Sortformer (diarizer_offline, exported with --offline-model): "
+                             "one request per file, up to the server's limit (90 s by default), instead of "
+                             "streaming through --preset")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG plots (faster)")
     parser.add_argument("--no-probs", action="store_true", help="leave per-frame probabilities out of the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -271,12 +276,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             from sortformer_triton.presets import get_preset
 
             profile.check_for(get_preset(args.preset))
+        if args.offline and (clips or profile is not None or args.save_profile):
+            raise ValueError("--enroll, --profile and --save-profile need a stream: they do not apply to --offline")
     except (ValueError, OSError) as exc:
         err.print(f"error: {exc}")
         return EXIT_USAGE
     client = _client(args)
     try:
-        client.check()
+        client.check_offline() if args.offline else client.check()
     except DiarizationError as exc:
         err.print(f"error: {exc}")
         client.close()
@@ -300,8 +307,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             def step(done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total)
 
-            result = client.diarize(audio, rate, progress=step, segment_params=params, enroll=clips,
-                                    profile=profile, save_profile=args.save_profile)
+            if args.offline:
+                result = client.diarize_offline([audio], rate, segment_params=params)[0]
+                step(1, 1)
+            else:
+                result = client.diarize(audio, rate, progress=step, segment_params=params, enroll=clips,
+                                        profile=profile, save_profile=args.save_profile)
             outcome.result = result
             outcome.seconds = time.perf_counter() - t0
             extra = {"audio": {"path": os.fspath(path), "sample_rate": rate},

@@ -14,6 +14,8 @@ Public API::
         .diarize(audio, sample_rate=16000, progress=None, segment_params=None, enroll=(), speaker_names=None,
                  profile=None, save_profile=False) -> Result
         .diarize_file(path_or_array, sample_rate=None, ...same keywords) -> Result
+        .diarize_offline(audios, sample_rate=16000, segment_params=None, concurrency=8) -> list[Result]
+        .check_offline()   (the offline Sortformer v1, diarizer_offline: one request per recording)
     Stream.enroll(name, samples, sample_rate=16000) -> list[Update]  (before the first feed)
     Stream.feed(samples, sample_rate=16000) -> list[Update];  Stream.close(save_profile=False) -> Result
     Stream.request_profile();  Stream.profile;  Stream.speaker_names;  Stream.abort()

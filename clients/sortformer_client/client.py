@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import numpy as np
 
-from sortformer_triton import contract, server_flags
+from sortformer_triton import contract, offline, server_flags
 from sortformer_triton.contract import SAVE_PROFILE_PARAMETER
 from sortformer_triton.presets import N_SPEAKERS, PRESETS, SAMPLE_RATE, Preset, get_preset, requests_for
 from sortformer_triton.protocol import PredictionAssembler, StepRequest
@@ -44,6 +44,7 @@ from sortformer_triton.speakers import (ENROLL_OVERWRITE_PARAMETER, ENROLL_PARAM
 from sortformer_triton.timeline import Segment, parse_segment_params
 
 from .audio import PathLike, Resampler, check_sample_rate, load_audio, resample_to_16k, to_mono_float32
+from . import offline as offline_client
 from .chunker import StepChunker
 from .errors import DiarizationError, ModelUnavailable, RequestTimeout, ServerUnavailable, StreamError
 from .results import Result, Update
@@ -590,6 +591,33 @@ class DiarizationClient:
             audio, rate = load_audio(source)
         return self.diarize(audio, rate, progress, segment_params, enroll=enroll, speaker_names=speaker_names,
                             profile=profile, save_profile=save_profile)
+
+    def diarize_offline(self, audios: Sequence[np.ndarray], sample_rate: int = SAMPLE_RATE,
+                        segment_params: Optional[Dict[str, Any]] = None,
+                        concurrency: int = offline_client.DEFAULT_CONCURRENCY) -> List[Result]:
+        """Whole recordings through the server's offline Sortformer (``diarizer_offline``; export it with
+        ``--offline-model``), one request each, ``concurrency`` at once (the server batches them): one
+        ``Result`` per recording, in order. A recording longer than the server's limit (90 s by default) is
+        refused with the server's message; stream it through a preset instead (:meth:`diarize`)."""
+        return offline_client.diarize_offline(self, audios, sample_rate, segment_params, concurrency)
+
+    def check_offline(self) -> None:
+        """Raise ``ServerUnavailable`` / ``ModelUnavailable`` unless the server serves ``diarizer_offline``."""
+        admin = self._admin_client()
+        try:
+            try:
+                live = admin.is_server_live(**self._admin_kwargs())
+                ready = live and admin.is_model_ready(offline.ENSEMBLE, **self._admin_kwargs())
+            except Exception as exc:  # noqa: BLE001
+                raise convert_error(exc, self.url, self.protocol, offline.ENSEMBLE) from exc
+            if not live:
+                raise ServerUnavailable(self.url, self.protocol, "the server is not live")
+            if not ready:
+                raise ModelUnavailable(f"the server at {self.url} has no offline model ({offline.ENSEMBLE} is not "
+                                       "ready): export the repository with --offline-model, or use a streaming preset")
+        finally:
+            if admin is not self._grpc:
+                admin.close()
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
