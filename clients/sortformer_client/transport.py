@@ -85,10 +85,18 @@ def check_parameters(parameters: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     for key, value in parameters.items():
         if key in _RESERVED_PARAMETERS:
             raise ValueError(f"request parameter {key!r} is reserved by Triton")
+        # numpy scalars as the Python values they hold: numpy 2's repr of np.float64(0.6) is
+        # 'np.float64(0.6)', which the server cannot parse as a number (numpy 1.x wrote '0.6')
+        if isinstance(value, np.bool_):
+            value = bool(value)
+        elif isinstance(value, np.integer):
+            value = int(value)
+        elif isinstance(value, np.floating):
+            value = float(value)
         if isinstance(value, (bool, int, str)):
             out[key] = value
         elif isinstance(value, float):
-            out[key] = repr(value)  # Triton request parameters are bool, int or string
+            out[key] = repr(float(value))  # Triton request parameters are bool, int or string
         else:
             raise ValueError(f"request parameter {key!r} must be a bool, int, float or str, got {value!r}")
     return out
