@@ -1,7 +1,8 @@
 """Session fixtures: the tiny random-init model exported once, and a real local tritonserver serving it.
 
-- ``tiny_repository``: ``export_repository`` of ``load_model('tiny', seed=0)`` for every preset into a
-  session temp dir (both flavours; ~30 s on 2 cores, NeMo import included);
+- ``tiny_repository``: ``export_repository`` of ``load_model('tiny', seed=0)`` for every preset, plus the tiny
+  offline Sortformer v1 (``diarizer_offline``), into a session temp dir (both flavours; ~35 s on 2 cores, NeMo
+  import included);
 - ``tiny_server``: the embedded tritonserver (nvidia-pytriton's 2.51) serving ``<repository>/local``,
   started once per session by ``tests.fixtures_server``'s factory (so these tests carry the ``triton``
   mark);
@@ -44,7 +45,8 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_repository")
     model = load_model(TINY_SOURCE, seed=TINY_SEED)
-    export_repository(model, TINY_SOURCE, out, list(PRESETS.values()), ["local", "production"])
+    export_repository(model, TINY_SOURCE, out, list(PRESETS.values()), ["local", "production"],
+                      offline_model=load_model(TINY_SOURCE, seed=TINY_SEED, offline=True), offline_source=TINY_SOURCE)
     return out
 
 
@@ -57,6 +59,15 @@ def tiny_export_info(tiny_repository: Path) -> Dict[str, Any]:
 def tiny_server(tiny_repository: Path, triton_server_session) -> LocalTritonServer:
     """A running tritonserver serving every preset of the tiny model (``.grpc_url`` / ``.http_url``)."""
     return triton_server_session(tiny_repository / "local")
+
+
+@pytest.fixture(scope="session")
+def tiny_offline_reference_model():
+    """The exported offline model's weights again (same seed), for NeMo's own offline forward."""
+    _require_export_dependencies()
+    from export.models import load_model
+
+    return load_model(TINY_SOURCE, seed=TINY_SEED, offline=True)
 
 
 @pytest.fixture(scope="session")

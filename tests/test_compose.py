@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import yaml
 
-from sortformer_triton import contract, repository, server_flags
+from sortformer_triton import contract, offline, repository, server_flags
 from sortformer_triton.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def production(tiny_repository: Path) -> Path:
 
 def test_production_repository_layout(production: Path) -> None:
     names = {p.name for p in production.iterdir() if p.is_dir()}
-    expected = {contract.POSTPROCESSOR, contract.ADMISSION}
+    expected = {contract.POSTPROCESSOR, contract.ADMISSION} | set(offline.MODELS)
     for p in PRESETS.values():
         expected |= set(contract.preset_models(p))
     assert names == expected
@@ -274,7 +274,7 @@ def test_production_repository_layout(production: Path) -> None:
             for step in config.ensemble_scheduling.step:
                 assert step.model_name in names
         elif config.backend == "python":
-            assert name in (contract.POSTPROCESSOR, contract.ADMISSION)
+            assert name in (contract.POSTPROCESSOR, contract.ADMISSION, offline.ADMISSION, offline.POSTPROCESSOR)
             assert (production / name / "1" / "model.py").is_file()
         else:
             assert config.backend == "onnxruntime", name
@@ -292,7 +292,7 @@ def test_production_configs_match_onnx_graphs(production: Path) -> None:
     checked = 0
     for config_path in sorted(production.glob("*/config.pbtxt")):
         config = repository.parse(config_path.read_text())
-        if config.backend != "onnxruntime":
+        if config.backend != "onnxruntime" or config.name == offline.SORTFORMER:  # offline: no state
             continue
         sb = config.sequence_batching
         assert list(sb.state), f"{config.name}: production stateful models keep implicit state"

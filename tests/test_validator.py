@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from sortformer_triton import contract, repository, validator
+from sortformer_triton import contract, offline, repository, validator
 from sortformer_triton.presets import PRESETS
 
 LOW = PRESETS["low"]
@@ -337,7 +337,8 @@ report = {}
 for spec in json.loads(sys.argv[1]):
     session = ort.InferenceSession(spec["path"], providers=["CPUExecutionProvider"])
     feeds = {n: np.zeros([2, *d], types[t]) for n, (t, d) in spec["inputs"].items()}
-    feeds["START"] = np.ones([2, 1], np.int32)
+    if "START" in {i.name for i in session.get_inputs()}:
+        feeds["START"] = np.ones([2, 1], np.int32)
     names = [o.name for o in session.get_outputs()]
     report[spec["path"]] = {n: [list(v.shape), str(v.dtype)] for n, v in zip(names, session.run(names, feeds))}
 print(json.dumps({"version": ort.__version__, "report": report}))
@@ -345,8 +346,8 @@ print(json.dumps({"version": ort.__version__, "report": report}))
 
 
 def test_every_production_graph_loads_and_runs_in_onnxruntime_1_19_2(production: Path, ngc_python: Path) -> None:
-    """Every onnxruntime model of every preset, in NGC 24.10's onnxruntime, fed zeros shaped by its config
-    (batch 2, START=1), returns exactly the config's output and state shapes and dtypes."""
+    """Every onnxruntime model of every preset and the offline graph, in NGC 24.10's onnxruntime, fed zeros shaped
+    by its config (batch 2, START=1), returns exactly the config's output and state shapes and dtypes."""
     import json
 
     np_names = {"TYPE_FP32": "float32", "TYPE_INT32": "int32", "TYPE_INT64": "int64"}
@@ -361,11 +362,14 @@ def test_every_production_graph_loads_and_runs_in_onnxruntime_1_19_2(production:
         fixed = lambda dims: [1 if d == -1 else d for d in dims]  # noqa: E731
         inputs = {t.name: (dtype(t), fixed(t.dims)) for t in config.input}
         inputs.update({s.input_name: (dtype(s), list(s.dims)) for s in config.sequence_batching.state})
-        specs.append({"path": path, "inputs": inputs})
         want = {t.name: [[2, *fixed(t.dims)], np_names[dtype(t)]] for t in config.output}
+        if config.name == offline.SORTFORMER:  # one second of zeros: 100 mel frames -> 13 output frames
+            inputs[contract.AUDIO] = ("TYPE_FP32", [16000])
+            want[offline.PREDS][0] = [2, 13, 4]
+        specs.append({"path": path, "inputs": inputs})
         want.update({s.output_name: [[2, *s.dims], np_names[dtype(s)]] for s in config.sequence_batching.state})
         expected[path] = want
-    assert len(specs) == 2 * len(PRESETS)
+    assert len(specs) == 2 * len(PRESETS) + 1  # + sortformer_offline
     proc = subprocess.run([str(ngc_python), "-c", _RUN_EVERY_GRAPH, json.dumps(specs)], capture_output=True,
                           text=True, check=True)
     result = json.loads(proc.stdout)
