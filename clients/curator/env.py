@@ -4,7 +4,7 @@ serving venv (numpy 1.26, tritonclient 2.51) cannot hold. Importable without Cur
 ``curator_python()`` creates it once (``sortformer_triton.venvs.side_venv``; a stamp keyed by the pip
 arguments makes later calls free) and returns its interpreter. Curator is installed as a normal pip package
 (it brings ray, torch, datasets ...; torch pinned to the CPU build); our client comes from the repository's
-``pyproject.toml`` ``client`` extra, installed editable (the venv runs this checkout's client with the newest
+``pyproject.toml`` ``curator`` extra (the client library without the CLI's plotting and scoring), installed editable (the venv runs this checkout's client with the newest
 tritonclient and numpy 2), or, in a checkout without a ``pyproject.toml``, from the repository root on
 ``PYTHONPATH`` (``curator_env``).
 """
@@ -30,11 +30,11 @@ def _pyproject() -> Optional[Path]:
 
 
 def pip_args() -> List[str]:
-    """What ``pip install`` gets: Curator, CPU torch, and our client (the ``client`` extra, or its pins)."""
+    """What ``pip install`` gets: Curator, CPU torch, and our client (the ``curator`` extra, or its pins)."""
     if _pyproject() is not None:
         # editable: the driver and every Ray worker import this checkout's code (never a stale copy), with the
-        # client extra's dependencies resolved next to Curator's (numpy 2, the newest tritonclient)
-        return [*CURATOR_PINS, "-e", f"{REPO_ROOT}[client]"]
+        # curator extra's dependencies resolved next to Curator's (numpy 2, the newest tritonclient)
+        return [*CURATOR_PINS, "-e", f"{REPO_ROOT}[curator]"]
     return [*CURATOR_PINS, *CLIENT_PINS]
 
 
