@@ -156,3 +156,70 @@ def export_offline(model, path: Path, source: str, max_samples: int) -> Path:
     onnx.checker.check_model(graph)
     onnx.save(graph, str(path))
     return path
+
+
+# ---- parity with NeMo (python -m export.parity --offline, tests/test_offline.py) ---------------------------
+def nemo_forward(model, audio):
+    """NeMo's offline forward on one recording alone (what its ``diarize()`` runs with batch_size=1)."""
+    with torch.no_grad():
+        preds = model.forward(audio_signal=torch.from_numpy(audio)[None], audio_signal_length=torch.tensor([audio.size]))
+    return preds[0].numpy()
+
+
+def nemo_feature_sensitivity(model, audio, seed: int = 0) -> float:
+    """How far NeMo's own predictions move when its float32 features move by one ulp (a random sign per value):
+    NeMo's float32 rounding, amplified by a steep (saturated) head near its decision boundaries. The graph
+    computes the features in float64, so parity allows this much more than the tolerance, as the streaming
+    parity does (export.parity.check_streams)."""
+    import numpy as np
+
+    with torch.no_grad():
+        feats, length = model.process_signal(audio_signal=torch.from_numpy(audio)[None],
+                                             audio_signal_length=torch.tensor([audio.size]))
+        feats = feats[:, :, : int(length.max())]
+        nudge = np.where(np.random.default_rng(seed).random(tuple(feats.shape)) < 0.5, -np.inf, np.inf)
+        moved = torch.from_numpy(np.nextafter(feats.numpy(), nudge.astype(np.float32)))
+        out = []
+        for f in (feats, moved):
+            emb, emb_len = model.frontend_encoder(processed_signal=f, processed_signal_length=length)
+            out.append(model.forward_infer(emb, emb_len)[0].numpy())
+    return float(np.abs(out[0] - out[1]).max())
+
+
+def run_graph(path: Path, audios):
+    """The offline graph in onnxruntime on ``audios`` as one batch, zero-padded to one bucket as a client pads:
+    per recording (its predictions, frame count), and the raw [B, T, 4] / [B, 1] outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = np.zeros((len(audios), offline.padded_length(max(a.size for a in audios))), np.float32)
+    for i, a in enumerate(audios):
+        batch[i, : a.size] = a
+    lengths = np.array([[a.size] for a in audios], np.int64)
+    preds, n_frames = session.run(None, {contract.AUDIO: batch, contract.AUDIO_LENGTH: lengths})
+    return offline.split_batch(preds, n_frames), preds, n_frames
+
+
+def parity_lines(source: str, seed: int, batches, tmp: Path, loaded=None, tolerance: float = 1e-4):
+    """Per head (random init: calibrated and saturated; else the loaded weights) and batch size: the exported
+    graph on a padded batch of recordings of different lengths vs NeMo's forward on each alone. A recording
+    passes within ``tolerance`` plus NeMo's own movement under one ulp of its float32 features."""
+    from sortformer_triton.samples import conversation
+
+    from .models import RANDOM_SOURCES, random_model
+
+    heads = {"calibrated": False, "saturated": True} if source in RANDOM_SOURCES else {"weights": None}
+    for head, saturated in heads.items():
+        model = loaded if saturated is None else random_model(source, seed=seed, saturated=saturated, offline=True)
+        path = export_offline(model, tmp / f"offline_{head}.onnx", source, max_samples=60 * 16000)
+        for batch in batches:
+            audios = [conversation(11.0 - 2.3 * i, n_speakers=2 + i % 3, seed=seed + 10 * batch + i)[0]
+                      for i in range(batch)]
+            rows, _, _ = run_graph(path, audios)
+            diffs = [float(abs(got - nemo_forward(model, a)).max()) for a, (got, _) in zip(audios, rows)]
+            moved = [nemo_feature_sensitivity(model, a, seed=i) for i, a in enumerate(audios)]
+            yield {"family": "offline", "model": source, "head": head, "batch": batch,
+                   "seconds": [round(a.size / 16000, 2) for a in audios], "max_abs": max(diffs),
+                   "nemo_feature_sensitivity": max(moved),
+                   "pass": all(d <= tolerance + m for d, m in zip(diffs, moved))}

@@ -367,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--engine", choices=["onnx", "torch"], default="onnx",
                     help="run the exported ONNX files in onnxruntime (default) or the graph modules in torch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--offline", action="store_true",
+                    help="the offline Sortformer v1 family instead (--model for it: tiny, full, .nemo, HF id): the "
+                         "exported offline graph on padded batches vs NeMo's forward on each recording alone")
     ap.add_argument("--markdown", type=Path, help="also write the tables into this file's "
                     "<!-- BEGIN parity:<model> --> section (docs/parity.md)")
     args = ap.parse_args(argv)
@@ -376,6 +379,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models import RANDOM_SOURCES, load_model
 
     torch.set_num_threads(2)
+    if args.offline:
+        from .offline import parity_lines
+
+        ok = True
+        loaded = None if args.model in RANDOM_SOURCES else load_model(args.model, seed=args.seed, offline=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for line in parity_lines(args.model, args.seed, args.batch or [1, 4], Path(tmp), loaded):
+                ok &= line["pass"]
+                print(json.dumps(line), flush=True)
+        return 0 if ok else 1
     loaded = None if args.model in RANDOM_SOURCES else load_model(args.model, seed=args.seed)
     presets = [PRESETS[name] for name in (args.preset or PRESETS)]
     ok, lines = True, []
