@@ -15,6 +15,10 @@ Environment (all optional):
   SORTFORMER_MAX_BATCH_SIZE          default 8
   SORTFORMER_MAX_CANDIDATE_SEQUENCES default 16 (sequence slots: size above the peak stream count)
   SORTFORMER_SEQUENCE_IDLE_SECONDS   Triton's sequence idle timeout (default per preset, >= 60 s)
+  SORTFORMER_OFFLINE_MODEL           also serve an offline Sortformer v1 as diarizer_offline: HF id
+                                     (nvidia/diar_sortformer_4spk-v1), a .nemo path, or full / tiny (default:
+                                     none)
+  SORTFORMER_OFFLINE_MAX_SECONDS     the longest recording one offline request may carry (default 90)
   SORTFORMER_FORCE_EXPORT            1 = export even when the stamp matches
 """
 from __future__ import annotations
@@ -45,6 +49,9 @@ def settings(env: Optional[Dict[str, str]] = None) -> Dict[str, object]:
         "max_candidate_sequences": int(env.get("SORTFORMER_MAX_CANDIDATE_SEQUENCES") or 16),
         "sequence_idle_seconds": int(env["SORTFORMER_SEQUENCE_IDLE_SECONDS"])
         if env.get("SORTFORMER_SEQUENCE_IDLE_SECONDS") else None,
+        "offline_model": env.get("SORTFORMER_OFFLINE_MODEL") or None,
+        "offline_max_seconds": float(env["SORTFORMER_OFFLINE_MAX_SECONDS"])
+        if env.get("SORTFORMER_OFFLINE_MAX_SECONDS") else None,
     }
 
 
@@ -57,6 +64,10 @@ def export_command(conf: Dict[str, object], out: Path) -> List[str]:
         cmd += ["--sequence-idle-seconds", str(conf["sequence_idle_seconds"])]
     for preset in conf["presets"]:  # type: ignore[union-attr]
         cmd += ["--preset", str(preset)]
+    if conf.get("offline_model"):
+        cmd += ["--offline-model", str(conf["offline_model"])]
+        if conf.get("offline_max_seconds") is not None:
+            cmd += ["--offline-max-seconds", str(conf["offline_max_seconds"])]
     return cmd
 
 

@@ -234,6 +234,11 @@ def test_export_once_command_parses_with_the_exporter() -> None:
     assert args.sequence_idle_seconds is None
     idle = once.export_command(once.settings({"SORTFORMER_SEQUENCE_IDLE_SECONDS": "90"}), Path("/m"))
     assert parse_args(idle[3:]).sequence_idle_seconds == 90
+    assert parse_args(cmd[3:]).offline_model is None
+    off = once.export_command(once.settings({"SORTFORMER_OFFLINE_MODEL": "tiny",
+                                             "SORTFORMER_OFFLINE_MAX_SECONDS": "45"}), Path("/m"))
+    args = parse_args(off[3:])
+    assert (args.offline_model, args.offline_max_seconds) == ("tiny", 45.0)
 
 
 def test_export_once_skips_a_cached_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -301,11 +301,17 @@ def _wheel_digest(wheel: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def client_venv_python() -> Path:
+    """build/venvs/client: ``pip install <checkout>[client]``, rebuilt when pyproject.toml changes (also made in
+    the background at the start of a session that runs these tests: tests/fixtures_venvs.py)."""
+    return side_venv("client", [f"{REPO_ROOT}[client]"], inputs=[PYPROJECT], quiet=True)
+
+
 @pytest.fixture(scope="module")
 def client_venv(wheel: Path) -> Path:
-    """bin/ of build/venvs/client: ``pip install <checkout>[client]`` (rebuilt when pyproject.toml changes),
-    with this wheel installed over the project (``--no-deps``, only when the packaged files changed)."""
-    python = side_venv("client", [f"{REPO_ROOT}[client]"], inputs=[PYPROJECT])
+    """bin/ of build/venvs/client (``client_venv_python``) with this wheel installed over the project
+    (``--no-deps``, only when the packaged files changed)."""
+    python = client_venv_python()
     venv = python.parent.parent
     stamp = venv / f".project-{_wheel_digest(wheel)}"
     with open(venv.parent / ".client.lock", "w") as lock:
