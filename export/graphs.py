@@ -128,6 +128,34 @@ def _reset(start: Tensor, *states: Tensor) -> Tuple[Tensor, ...]:
     return tuple(out)
 
 
+def register_log_mel(module: nn.Module, featurizer) -> None:
+    """NeMo's STFT window and mel filterbank as buffers of ``module`` (``dft_cos``, ``dft_sin``, ``mel_fb``) and
+    its log guard (``module.guard``), for :func:`log_mel`: the window is folded into the DFT basis, frames @
+    (window * cos) / (window * sin), in float64 (a float32 matmul DFT loses low-energy bands to rounding, 1e-4
+    in log-mel; FFT does not)."""
+    module.guard = float(featurizer.log_zero_guard_value_fn(torch.zeros(1)))
+    win = featurizer.window.detach().float()
+    pad = (N_FFT - win.numel()) // 2
+    window = torch.zeros(N_FFT)
+    window[pad : pad + win.numel()] = win
+    n = torch.arange(N_FFT, dtype=torch.float64)
+    k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
+    ang = 2 * math.pi * torch.outer(n, k) / N_FFT
+    module.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
+    module.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
+    module.register_buffer("mel_fb", featurizer.fb.detach()[0].double().t().contiguous())  # [257, mels]
+
+
+def log_mel(module: nn.Module, frames: Tensor) -> Tensor:
+    """[B, n, 512] pre-emphasized float64 frames -> [B, n, mels] log-mel (float32 out), with the buffers of
+    :func:`register_log_mel`. Computed in float64 end to end: the result equals NeMo's pipeline evaluated
+    exactly; NeMo's own float32 torch.stft is ~2e-4 off that in near-silent bands."""
+    re = torch.matmul(frames, module.dft_cos)
+    im = torch.matmul(frames, module.dft_sin)
+    power = re * re + im * im
+    return torch.log(torch.matmul(power, module.mel_fb) + module.guard).to(torch.float32)
+
+
 class StreamingFeatures(nn.Module):
     """Audio steps -> NeMo log-mel frames -> the next chunk's feature window.
 
@@ -141,20 +169,7 @@ class StreamingFeatures(nn.Module):
         super().__init__()
         self.p = preset
         self.preemph = float(featurizer.preemph)
-        guard = featurizer.log_zero_guard_value_fn(torch.zeros(1))
-        self.guard = float(guard)
-        win = featurizer.window.detach().float()
-        pad = (N_FFT - win.numel()) // 2
-        window = torch.zeros(N_FFT)
-        window[pad : pad + win.numel()] = win
-        n = torch.arange(N_FFT, dtype=torch.float64)
-        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
-        ang = 2 * math.pi * torch.outer(n, k) / N_FFT
-        # window folded into the DFT basis: frames @ (window * cos) / (window * sin)
-        # float64: a float32 matmul DFT loses low-energy bands to rounding (1e-4 in log-mel); FFT does not
-        self.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
-        self.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
-        self.register_buffer("mel_fb", featurizer.fb.detach()[0].double().t().contiguous())  # [257, 128]
+        register_log_mel(self, featurizer)
         self.step = preset.step_samples
         self.nf = preset.new_mel_frames_max
         self.buf = preset.feature_buffer_frames
@@ -164,14 +179,7 @@ class StreamingFeatures(nn.Module):
         self.right_mel = preset.right_context * SUBSAMPLING
 
     def log_mel(self, frames: Tensor) -> Tensor:
-        """[B, n, 512] pre-emphasized float64 frames -> [B, n, 128] log-mel (float32 out).
-
-        Computed in float64 end to end: the result equals NeMo's pipeline evaluated exactly; NeMo's own
-        float32 torch.stft is ~2e-4 off that in near-silent bands, a float32 matmul DFT would be worse."""
-        re = torch.matmul(frames, self.dft_cos)
-        im = torch.matmul(frames, self.dft_sin)
-        power = re * re + im * im
-        return torch.log(torch.matmul(power, self.mel_fb) + self.guard).to(torch.float32)
+        return log_mel(self, frames)
 
     def forward(self, audio, audio_length, start, audio_tail, feat_buffer, counters):
         audio_tail, feat_buffer, counters = _reset(start, audio_tail, feat_buffer, counters)

@@ -19,7 +19,6 @@ before it reaches the graph).
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from sortformer_triton import contract, offline
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, SUBSAMPLING
 
+from .graphs import log_mel, register_log_mel
 from .onnx_export import BATCH_DIM, IR_VERSION, METADATA_KEY, OPSET, ExportShapeError, weights_digest
 
 NORMALIZE_CONSTANT = 1e-5  # NeMo's features.CONSTANT, added to the per-feature std
@@ -43,20 +43,9 @@ class OfflineDiarizer(nn.Module):
         super().__init__()
         feats = model.preprocessor.featurizer
         self.preemph = float(feats.preemph) if feats.preemph is not None else 0.0
-        self.guard = float(feats.log_zero_guard_value_fn(torch.zeros(1)))
         self.eps = float(model.eps)
-        norm = model.cfg.preprocessor.get("normalize", None)
-        self.per_feature = norm == "per_feature"
-        win = feats.window.detach().float()
-        pad = (N_FFT - win.numel()) // 2
-        window = torch.zeros(N_FFT)
-        window[pad: pad + win.numel()] = win
-        n = torch.arange(N_FFT, dtype=torch.float64)
-        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
-        ang = 2 * math.pi * torch.outer(n, k) / N_FFT
-        self.register_buffer("dft_cos", window.double().unsqueeze(1) * torch.cos(ang))
-        self.register_buffer("dft_sin", window.double().unsqueeze(1) * -torch.sin(ang))
-        self.register_buffer("mel_fb", feats.fb.detach()[0].double().t().contiguous())  # [257, mels]
+        self.per_feature = model.cfg.preprocessor.get("normalize", None) == "per_feature"
+        register_log_mel(self, feats)  # the streaming feature graph's STFT + mel, in float64
         self.encoder = model.encoder
         self.transformer = model.transformer_encoder
         self.mods = model.sortformer_modules
@@ -79,13 +68,9 @@ class OfflineDiarizer(nn.Module):
         frames_total = torch.div(torch._shape_as_tensor(audio)[1], HOP_SAMPLES, rounding_mode="floor")
         idx = (torch.arange(frames_total, device=audio.device).unsqueeze(1) * HOP_SAMPLES
                + torch.arange(N_FFT, device=audio.device).unsqueeze(0))
-        frames = padded[:, idx]  # [B, T, 512]
-        re = torch.matmul(frames, self.dft_cos)
-        im = torch.matmul(frames, self.dft_sin)
-        mel = torch.log(torch.matmul(re * re + im * im, self.mel_fb) + self.guard)  # [B, T, mels] float64
+        mel = log_mel(self, padded[:, idx])  # frames [B, T, 512] -> [B, T, mels] float32
         n_frames = torch.div(length, HOP_SAMPLES, rounding_mode="floor")
         fmask = (torch.arange(mel.shape[1], device=audio.device).unsqueeze(0) < n_frames.unsqueeze(1)).unsqueeze(2)
-        mel = mel.to(torch.float32)
         if self.per_feature:
             count = n_frames.to(torch.float32).clamp(min=1.0).reshape(b, 1, 1)
             mean = torch.where(fmask, mel, torch.zeros_like(mel)).sum(dim=1, keepdim=True) / count
