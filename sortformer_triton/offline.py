@@ -108,36 +108,6 @@ def split_batch(preds: np.ndarray, n_frames: np.ndarray) -> List[Tuple[np.ndarra
     return out
 
 
-class OfflineRunner:
-    """The local flavour's ``sortformer_offline``: the same ONNX file in onnxruntime, as the onnxruntime backend
-    runs it under dynamic batching (requests whose AUDIO has the same length share one run)."""
-
-    def __init__(self, onnx_path: str, intra_op_threads: int = 2):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-
-    def run(self, batch: List[Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """(AUDIO [rows, N], AUDIO_LENGTH [rows, 1]) per request -> (PREDS [rows, T, 4], N_FRAMES [rows, 1])."""
-        out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None] * len(batch)
-        by_length: dict = {}
-        for i, (audio, _) in enumerate(batch):
-            by_length.setdefault(audio.shape[1], []).append(i)
-        for group in by_length.values():
-            audio = np.concatenate([batch[i][0] for i in group]).astype(np.float32, copy=False)
-            length = np.concatenate([batch[i][1].reshape(-1, 1) for i in group]).astype(np.int64, copy=False)
-            preds, n_frames = self.session.run([PREDS, N_FRAMES], {AUDIO: audio, AUDIO_LENGTH: length})
-            row = 0
-            for i in group:
-                rows = batch[i][0].shape[0]
-                out[i] = (preds[row: row + rows], n_frames[row: row + rows])
-                row += rows
-        return out  # type: ignore[return-value]
-
-
 def segments_batch(preds: np.ndarray, n_frames: np.ndarray, params) -> Tuple[np.ndarray, np.ndarray]:
     """The offline postprocessor's arithmetic: PREDS [rows, T, 4] + N_FRAMES [rows, 1] -> SEGMENTS [rows, S, 4]
     (every segment finalized; S >= 1 rows, zeros after each row's count) + N_SEGMENTS [rows, 1] int32, with

@@ -56,9 +56,7 @@ NOT_CLIENT = {"torch", "nemo-toolkit", "nvidia-pytriton", "onnx", "onnxruntime",
 NOT_IMPORTABLE = ("torch", "nemo", "pytriton", "onnxruntime", "onnx")
 PRESET = "low"
 # lazy imports in modules the client reaches, inside code that only the server runs: (module, package) -> why
-SERVER_ONLY_IMPORTS = {
-    ("sortformer_triton.offline", "onnxruntime"): "OfflineRunner, the local server's sortformer_offline model",
-}
+SERVER_ONLY_IMPORTS: Dict[Tuple[str, str], str] = {}
 # JSON keys that differ from run to run (the random sequence id, the time taken) or name the invocation
 VOLATILE = ("sequence_id", "processing_s", "audio", "server", "segment_params")
 

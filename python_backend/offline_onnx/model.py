@@ -1,7 +1,7 @@
 """Triton Python-backend model ``sortformer_offline`` (local flavour): the offline ONNX graph in onnxruntime.
 
 Production runs the same file on Triton's onnxruntime backend with dynamic batching; here the Python backend's
-dynamic batcher hands over the batch and ``sortformer_triton.offline.OfflineRunner`` runs it (requests whose
+dynamic batcher hands over the batch and ``sortformer_triton.offline_runner.OfflineRunner`` runs it (requests whose
 AUDIO has the same length in one onnxruntime call, as the onnxruntime backend would batch them).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ _honour_pythonpath()
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from sortformer_triton import contract, offline  # noqa: E402
+from sortformer_triton.offline_runner import OfflineRunner  # noqa: E402
 from sortformer_triton.sequences import config_parameters  # noqa: E402
 
 
@@ -30,7 +31,7 @@ class TritonPythonModel:
     def initialize(self, args: Dict[str, str]) -> None:
         values = config_parameters(json.loads(args["model_config"]))
         path = os.path.join(args["model_repository"], args["model_version"], values["onnx_file"])
-        self.runner = offline.OfflineRunner(path, int(values.get("intra_op_threads", 2)))
+        self.runner = OfflineRunner(path, int(values.get("intra_op_threads", 2)))
 
     def execute(self, requests: List[Any]) -> List[Any]:
         batch = [(pb_utils.get_input_tensor_by_name(r, contract.AUDIO).as_numpy(),
