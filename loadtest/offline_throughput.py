@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,22 @@ def measure(url: str, preset: str, audios: Sequence[np.ndarray], concurrency: in
     return best
 
 
+def models_line(repository: Optional[Path]) -> str:
+    """What the repository serves (its export_info.json), for the table's caption."""
+    if repository is None or not (Path(repository) / "export_info.json").is_file():
+        return "models: a running server (--url)"
+    info = json.loads((Path(repository) / "export_info.json").read_text())
+    off = info.get("offline") or {}
+
+    def one(d: dict) -> str:
+        kind = "random init" if d.get("random_init") else "weights"
+        return f"`{d.get('source')}` ({kind}, {int(d.get('parameters', 0)) / 1e6:.1f}M parameters)"
+
+    return f"models: streaming {one(info)}, offline {one(off)}, up to {int(off.get('max_samples', 0)) / 16000:g} s"
+
+
 def markdown(best: Dict[str, float], preset: str, files: int, seconds: float, concurrency: int,
-             rounds: int) -> str:
+             rounds: int, models: str = "") -> str:
     audio_s = files * seconds
     info = machine_info()
     rows = ["| path | wall s | files / min | real-time factor | speed vs streaming |", "|---|---|---|---|---|"]
@@ -83,7 +98,9 @@ def markdown(best: Dict[str, float], preset: str, files: int, seconds: float, co
         "",
         f"`python -m loadtest.offline_throughput`: {files} synthetic conversations of {seconds:g} s "
         f"({audio_s / 60:.1f} min of audio), {concurrency} at a time through the local server, best of {rounds} "
-        f"alternating rounds; {info['cpu_model']}, {info['nproc']} CPUs, {info['date_utc']}.",
+        f"alternating rounds; {info['cpu_model']}, {info['nproc']} CPUs, {info['date_utc']}; {models}. One request "
+        "per recording against one stream per recording (its preset steps and flush steps); the server batches "
+        "both (dynamic batching of recordings vs sequence batching of streams).",
         "",
         *rows,
     ])
@@ -107,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     audios = recordings(args.files, args.seconds)
     with serve(args.url, args.model_repository) as endpoint:
         best = measure(endpoint.grpc, presets[0].name, audios, args.concurrency, args.rounds)
-    table = markdown(best, presets[0].name, args.files, args.seconds, args.concurrency, args.rounds)
+    table = markdown(best, presets[0].name, args.files, args.seconds, args.concurrency, args.rounds,
+                     models_line(args.model_repository))
     print(table)
     if args.markdown is not None:
         replace_marked_section(args.markdown, MARKER, table, "Benchmarks")
