@@ -240,3 +240,17 @@ def test_report_render_and_capacity_rules(tmp_path: Path) -> None:
                                    "first_failing": None}) == (9, "unpaced throughput x step")
     assert rep.effective_capacity({"sustained": 40, "throughput_bound": 0, "slot_cap": 32,
                                    "first_failing": None}) == (32, "sequence slots")
+
+
+def test_perf_analyzer_offline_run(tiny_server, tmp_path: Path) -> None:
+    """perf_analyzer against diarizer_offline (non-sequence, dynamic batching): a short run at concurrency 2."""
+    from loadtest.perf_analyzer import offline as pa_offline
+
+    doc = pa_offline.input_data(recordings=2, seconds=6)
+    assert [r["AUDIO"]["shape"] for r in doc["data"]] == [[160000], [160000]]  # 6 s padded to the 10 s bucket
+    code = pa_offline.main(["--url", tiny_server.grpc_url, "--concurrency", "2", "--recordings", "2", "--seconds", "6",
+                            "-p", "2000", "-s", "50", "--timeout", "90", "--out", str(tmp_path)])
+    assert code == 0, (tmp_path / "diarizer_offline_concurrency_2.log").read_text()[-3000:]
+    row = pa_run.read_csv_row(tmp_path / "diarizer_offline_concurrency_2.csv")
+    assert row is not None and row["Concurrency"] == "2" and float(row["Inferences/Second"]) > 0
+    assert json.loads((tmp_path / "run.json").read_text())["runs"][0]["returncode"] == 0

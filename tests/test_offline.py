@@ -265,6 +265,9 @@ def test_server_refuses_what_a_raw_client_sends(tiny_server) -> None:
     assert "32768" in infer(np.full((1, 20000), 2000.0, np.float32), 20000)
     assert "between 1280" in infer(np.zeros((1, 20000), np.float32), 30000)
     assert infer(np.zeros((2, 20000), np.float32), 20000) == ""  # a client-side batch of 2 is served
+    huge = 600 * SAMPLE_RATE  # 38 MB: refused by admission before the graph, and the server goes on
+    assert "at most" in infer(np.zeros((1, huge), np.float32), huge)
+    assert infer(np.zeros((1, 20000), np.float32), 20000) == ""
     client.close()
 
 
