@@ -44,8 +44,17 @@ from . import core
 ON_ERROR = ("raise", "fail")  # raise: the batch (and the pipeline) stops; fail: a FailedTask per failed task
 
 
+@dataclass
 class _TritonStage:
     """What both stages share: the server options, the per-worker client, per-task failures."""
+
+    url: str = "localhost:8001"
+    protocol: str = "grpc"
+    preset: str = core.DEFAULT_PRESET
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_concurrency: int = core.DEFAULT_MAX_CONCURRENCY
+    segment_params: Optional[Dict[str, Any]] = None
+    on_error: str = "raise"
 
     def _check_common(self) -> None:
         core.check_options(self.url, self.protocol, self.preset, self.timeout, self.max_concurrency)
@@ -80,13 +89,6 @@ class TritonSortformerDiarizationStage(_TritonStage, ProcessingStage[AudioTask, 
     """Speaker diarization by the Streaming Sortformer on a Triton server (Curator's
     ``InferenceSortformerStage``, the model served once instead of loaded per worker)."""
 
-    url: str = "localhost:8001"
-    protocol: str = "grpc"
-    preset: str = core.DEFAULT_PRESET
-    timeout: float = DEFAULT_TIMEOUT_S
-    max_concurrency: int = core.DEFAULT_MAX_CONCURRENCY
-    segment_params: Optional[Dict[str, Any]] = None
-    on_error: str = "raise"
     filepath_key: str = "audio_filepath"
     diar_segments_key: str = "diar_segments"
     rttm_out_dir: Optional[str] = None
@@ -142,13 +144,6 @@ class TritonSpeakerSeparationStage(_TritonStage, ProcessingStage[AudioTask, Audi
     """One ``AudioTask`` per speaker (Curator's ``SpeakerSeparationStage``), diarized on a Triton server;
     the separation rules are ``clients.diarize.split`` (``diarize split``)."""
 
-    url: str = "localhost:8001"
-    protocol: str = "grpc"
-    preset: str = core.DEFAULT_PRESET
-    timeout: float = DEFAULT_TIMEOUT_S
-    max_concurrency: int = core.DEFAULT_MAX_CONCURRENCY
-    segment_params: Optional[Dict[str, Any]] = None
-    on_error: str = "raise"
     exclude_overlaps: bool = DEFAULT_EXCLUDE_OVERLAPS
     min_duration: float = DEFAULT_MIN_DURATION
     gap_threshold: float = DEFAULT_GAP_THRESHOLD
