@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from sortformer_triton.samples import conversation
 
 from ..common import REPO_ROOT, machine_info, parse_int_list, results_dir, serve, timestamp
 from .make_input_data import _tensor
-from .run import Settings, find_perf_analyzer, perf_analyzer_env, prepare_libs, read_csv_row
+from .run import Settings, find_perf_analyzer, prepare_libs, read_csv_row, run_logged
 
 
 def input_data(recordings: int = 4, seconds: float = 20.0, seed: int = 0) -> Dict[str, object]:
@@ -65,14 +64,7 @@ def run_levels(url: str, data: Path, levels: Sequence[int], out: Path, settings:
         csv_path, log_path = out / f"{offline.ENSEMBLE}_concurrency_{level}.csv", out / f"{offline.ENSEMBLE}_concurrency_{level}.log"
         cmd = build_command(binary, url, data, level, csv_path, settings)
         t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            try:
-                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=perf_analyzer_env(libs),
-                                      timeout=settings.timeout_s, check=False).returncode
-            except subprocess.TimeoutExpired:
-                code = 124
+        code = run_logged(cmd, log_path, libs, settings.timeout_s)
         row = read_csv_row(csv_path)
         runs.append({"concurrency": level, "returncode": code, "seconds": round(time.monotonic() - t0, 1),
                      "row": row, "csv": csv_path.name, "command": cmd})

@@ -183,6 +183,20 @@ def read_csv_row(path: Path) -> Optional[Dict[str, str]]:
     return rows[0] if rows else None
 
 
+def run_logged(cmd: Sequence[str], log_path: Path, libs_dir: Path, timeout_s: float) -> int:
+    """Run perf_analyzer ``cmd`` with its private libraries, its output (after the command line) in
+    ``log_path``; the exit code, 124 when it was killed after ``timeout_s``."""
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            return subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=perf_analyzer_env(libs_dir),
+                                  timeout=timeout_s, check=False).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[run.py] perf_analyzer killed after {timeout_s:.0f} s\n")
+            return 124
+
+
 def run_level(url: str, preset: Preset, input_data: Path, mode: str, level: int, out_dir: Path,
               settings: Settings, binary: Optional[Path] = None, libs_dir: Optional[Path] = None,
               quiet: bool = False) -> LevelResult:
@@ -196,16 +210,7 @@ def run_level(url: str, preset: Preset, input_data: Path, mode: str, level: int,
     id_base = random_sequence_base(id_block(level), PA_SEQUENCE_ID_MIN, PA_SEQUENCE_ID_MAX)
     cmd = build_command(binary, url, preset, input_data, mode, level, csv_path, settings, id_base)
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=perf_analyzer_env(libs_dir),
-                                  timeout=settings.timeout_s, check=False)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            log.write(f"\n[run.py] perf_analyzer killed after {settings.timeout_s:.0f} s\n")
-            code = 124
+    code = run_logged(cmd, log_path, libs_dir, settings.timeout_s)
     seconds = time.monotonic() - t0
     text = log_path.read_text(errors="replace")
     result = LevelResult(
