@@ -796,6 +796,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--sequence-idle-seconds", type=int, default=None,
                         help="max_sequence_idle_microseconds of every model, in seconds (default: per "
                              f"preset, {IDLE_STEPS} steps and at least {IDLE_MIN_SECONDS} s)")
+    parser.add_argument("--offline-max-seconds", type=float, default=None,
+                        help="the tree also holds the offline diarizer (export --offline-model) for recordings up to "
+                             "this many seconds (default: no offline models)")
     parser.add_argument("--prune", action="store_true",
                         help="with --write: delete stale model dirs (including any exported files)")
     return parser.parse_args(argv)
@@ -805,7 +808,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     presets = [PRESETS[n] for n in (args.preset or list(PRESETS))]
     kw = dict(max_batch_size=args.max_batch_size, max_candidate_sequences=args.max_candidate_sequences,
-              instance_kind=args.instance_kind, sequence_idle_seconds=args.sequence_idle_seconds)
+              instance_kind=args.instance_kind, sequence_idle_seconds=args.sequence_idle_seconds,
+              offline_max_samples=None if args.offline_max_seconds is None
+              else offline.max_samples_for(args.offline_max_seconds))
     status = 0
     for flavour in args.flavour or list(FLAVOURS):
         root = args.root / flavour

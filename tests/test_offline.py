@@ -313,3 +313,18 @@ def test_cli_offline_writes_what_the_library_returns(tiny_server, tmp_path: Path
                       "--url", tiny_server.grpc_url)
     assert refused.returncode == 2 and "do not apply to --offline" in refused.stderr + refused.stdout
     assert os.path.isdir(tmp_path / "out")
+
+
+def test_repository_cli_knows_the_offline_models(tmp_path: Path, capsys) -> None:
+    """``python -m sortformer_triton.repository --check`` of a tree exported with --offline-model: up to date with
+    --offline-max-seconds, stale offline dirs without it."""
+    from sortformer_triton.repository import main
+
+    args = ["--root", str(tmp_path), "--preset", "low", "--emb-dim", "64"]
+    assert main(["--write", *args, "--offline-max-seconds", "90"]) == 0
+    assert (tmp_path / "production" / offline.ENSEMBLE / "config.pbtxt").is_file()
+    assert main(["--check", *args, "--offline-max-seconds", "90"]) == 0
+    capsys.readouterr()
+    assert main(["--check", *args]) == 1
+    assert f"stale model dir {tmp_path / 'local' / offline.ENSEMBLE}" in capsys.readouterr().err
+    assert main(["--check", *args, "--offline-max-seconds", "60"]) == 1  # another limit: the admission config differs
