@@ -412,23 +412,27 @@ class DiarizationClient:
     def check(self) -> None:
         """Raise ``ServerUnavailable`` / ``ModelUnavailable`` unless the server and the preset's
         ensemble are ready."""
+        self._check_model(self.model_name, lambda admin: (
+            f"model {self.model_name} (preset {self.preset.name!r}) is not ready on {self.url}; "
+            f"ready ensembles: {', '.join(self._served_models(admin)) or 'none'}"))
+
+    def _check_model(self, model: str, not_ready: Callable[[Any], str]) -> None:
+        """``ServerUnavailable`` unless the server is live, ``ModelUnavailable(not_ready(admin))`` unless ``model``
+        is ready."""
         admin = self._admin_client()
         try:
             try:
                 live = admin.is_server_live(**self._admin_kwargs())
             except Exception as exc:  # noqa: BLE001
-                raise convert_error(exc, self.url, self.protocol, self.model_name) from exc
+                raise convert_error(exc, self.url, self.protocol, model) from exc
             if not live:
                 raise ServerUnavailable(self.url, self.protocol, "the server is not live")
             try:
-                ready = admin.is_model_ready(self.model_name, **self._admin_kwargs())
+                ready = admin.is_model_ready(model, **self._admin_kwargs())
             except Exception as exc:  # noqa: BLE001
-                raise convert_error(exc, self.url, self.protocol, self.model_name) from exc
+                raise convert_error(exc, self.url, self.protocol, model) from exc
             if not ready:
-                served = self._served_models(admin)
-                raise ModelUnavailable(
-                    f"model {self.model_name} (preset {self.preset.name!r}) is not ready on {self.url}; "
-                    f"ready ensembles: {', '.join(served) or 'none'}")
+                raise ModelUnavailable(not_ready(admin))
         finally:
             if admin is not self._grpc:
                 admin.close()
@@ -603,21 +607,9 @@ class DiarizationClient:
 
     def check_offline(self) -> None:
         """Raise ``ServerUnavailable`` / ``ModelUnavailable`` unless the server serves ``diarizer_offline``."""
-        admin = self._admin_client()
-        try:
-            try:
-                live = admin.is_server_live(**self._admin_kwargs())
-                ready = live and admin.is_model_ready(offline.ENSEMBLE, **self._admin_kwargs())
-            except Exception as exc:  # noqa: BLE001
-                raise convert_error(exc, self.url, self.protocol, offline.ENSEMBLE) from exc
-            if not live:
-                raise ServerUnavailable(self.url, self.protocol, "the server is not live")
-            if not ready:
-                raise ModelUnavailable(f"the server at {self.url} has no offline model ({offline.ENSEMBLE} is not "
-                                       "ready): export the repository with --offline-model, or use a streaming preset")
-        finally:
-            if admin is not self._grpc:
-                admin.close()
+        self._check_model(offline.ENSEMBLE, lambda admin: (
+            f"the server at {self.url} has no offline model ({offline.ENSEMBLE} is not ready): export the repository "
+            "with --offline-model, or use a streaming preset"))
 
     # ---- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
