@@ -18,12 +18,8 @@ before it reaches the graph).
 """
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
-from typing import Dict
 
-import onnx
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +27,7 @@ from sortformer_triton import contract, offline
 from sortformer_triton.presets import HOP_SAMPLES, N_FFT, SUBSAMPLING
 
 from .graphs import log_mel, register_log_mel
-from .onnx_export import BATCH_DIM, IR_VERSION, METADATA_KEY, OPSET, ExportShapeError, weights_digest
+from .onnx_export import export_graph, weights_digest
 
 NORMALIZE_CONSTANT = 1e-5  # NeMo's features.CONSTANT, added to the per-feature std
 
@@ -93,54 +89,15 @@ class OfflineDiarizer(nn.Module):
         return preds, emb_len.to(torch.int64).unsqueeze(1)
 
 
-def _declare(model: onnx.ModelProto) -> None:
-    """Batch and time dims symbolic, the speaker dim static, as the contract says."""
-    want = {t.name: t.dims for t in offline.sortformer_io().inputs + offline.sortformer_io().outputs}
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        expected = want[value.name]
-        if len(dims) != len(expected) + 1:
-            raise ExportShapeError(f"offline graph tensor {value.name} has rank {len(dims)}, expected "
-                                   f"[batch, *{list(expected)}]")
-        dims[0].Clear()
-        dims[0].dim_param = BATCH_DIM
-        for i, size in enumerate(expected, start=1):
-            dims[i].Clear()
-            if size == -1:
-                dims[i].dim_param = f"{value.name}_{i}"
-            else:
-                dims[i].dim_value = size
-
-
 def export_offline(model, path: Path, source: str, max_samples: int) -> Path:
-    """Write the offline graph (IR 8, opset 17, as the streaming graphs) with its metadata."""
+    """Write the offline graph (``onnx_export.export_graph``: IR 8 / opset 17, the contract's dims) with its
+    metadata; traced on two recordings of different lengths."""
     module = OfflineDiarizer(model, max_samples).eval()
-    io = offline.sortformer_io()
-    names = [t.name for t in io.inputs]
-    outputs = [t.name for t in io.outputs]
-    example = (torch.zeros(2, 3 * 16000), torch.tensor([[3 * 16000], [2 * 16000]], dtype=torch.int64))
-    dynamic: Dict[str, Dict[int, str]] = {contract.AUDIO: {0: BATCH_DIM, 1: "samples"},
-                                          contract.AUDIO_LENGTH: {0: BATCH_DIM},
-                                          offline.PREDS: {0: BATCH_DIM, 1: "frames"}, offline.N_FRAMES: {0: BATCH_DIM}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), input_names=names, output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    graph = onnx.load(str(path))
-    _declare(graph)
-    graph.ir_version = IR_VERSION
-    opsets = {o.domain or "": o.version for o in graph.opset_import}
-    if opsets != {"": OPSET}:
-        raise ExportShapeError(f"torch wrote opsets {opsets}, expected only the default domain at {OPSET}")
-    entry = graph.metadata_props.add()
-    entry.key = METADATA_KEY
-    entry.value = json.dumps({"graph": "sortformer_offline", "source": source, "max_samples": max_samples,
-                              "emb_dim": int(model.cfg.encoder.d_model), "weights": weights_digest(model)},
-                             sort_keys=True)
-    onnx.checker.check_model(graph)
-    onnx.save(graph, str(path))
-    return path
+    example = {contract.AUDIO: torch.zeros(2, 3 * 16000),
+               contract.AUDIO_LENGTH: torch.tensor([[3 * 16000], [2 * 16000]], dtype=torch.int64)}
+    meta = {"graph": "sortformer_offline", "source": source, "max_samples": max_samples,
+            "emb_dim": int(model.cfg.encoder.d_model), "weights": weights_digest(model)}
+    return export_graph(module, offline.sortformer_io(), path, meta, example)
 
 
 # ---- parity with NeMo (python -m export.parity --offline, tests/test_offline.py) ---------------------------

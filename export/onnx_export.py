@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import onnx
 import torch
@@ -64,8 +64,10 @@ def _declare(values, expected: Dict[str, Tuple[int, ...]], side: str) -> None:
 
 
 def declare_contract_shapes(model: onnx.ModelProto, io: contract.ModelIO) -> onnx.ModelProto:
-    """Static contract dims on every input and output, checked against ONNX's strict shape inference."""
-    ins = {t.name: t.dims for t in io.inputs} | {contract.START: (1,)} | {s.name: s.dims for s in io.states}
+    """Static contract dims on every input and output, checked against ONNX's strict shape inference. A graph
+    with state (``io.states``) also takes the START control input; a stateless one (the offline graph) does not."""
+    start = {contract.START: (1,)} if io.states else {}
+    ins = {t.name: t.dims for t in io.inputs} | start | {s.name: s.dims for s in io.states}
     outs = {t.name: t.dims for t in io.outputs} | {contract.STATE_OUT_PREFIX + s.name: s.dims for s in io.states}
     _declare(model.graph.input, ins, "input")
     _declare(model.graph.output, outs, "output")
@@ -76,14 +78,20 @@ def declare_contract_shapes(model: onnx.ModelProto, io: contract.ModelIO) -> onn
     return model
 
 
-def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Tensor], List[str]]:
+def _example(io: contract.ModelIO, batch: int,
+             given: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[List[str], List[torch.Tensor], List[str]]:
+    """Example inputs to trace with: ``given`` ones as they are, the others zeros (a variable dim of 1); START and
+    the states for a graph with state."""
     names, tensors = [], []
     dtypes = {"float32": torch.float32, "int32": torch.int32, "int64": torch.int64}
+    given = given or {}
     for t in io.inputs:
         names.append(t.name)
-        tensors.append(torch.zeros((batch, *[1 if d == -1 else d for d in t.dims]), dtype=dtypes[t.dtype]))
-    names.append(contract.START)
-    tensors.append(torch.ones((batch, 1), dtype=torch.int32))
+        tensors.append(given[t.name] if t.name in given else
+                       torch.zeros((batch, *[1 if d == -1 else d for d in t.dims]), dtype=dtypes[t.dtype]))
+    if io.states:
+        names.append(contract.START)
+        tensors.append(torch.ones((batch, 1), dtype=torch.int32))
     for s in io.states:
         names.append(s.name)
         tensors.append(torch.zeros((batch, *s.dims), dtype=dtypes[s.dtype]))
@@ -91,16 +99,20 @@ def _example(io: contract.ModelIO, batch: int) -> Tuple[List[str], List[torch.Te
     return names, tensors, outs
 
 
-def _export(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata: Dict[str, object]) -> Path:
-    names, example, outputs = _example(io, batch=2)
+def export_graph(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata: Dict[str, object],
+                 example: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Trace ``module`` to ``path`` as NGC 24.10's onnxruntime backend loads it: IR 8 / opset 17, [batch, *contract
+    dims] on every input and output (variable contract dims symbolic), ``metadata`` under METADATA_KEY.
+    ``example``: inputs to trace with where zeros would not do (the offline graph's audio)."""
+    names, example_tensors, outputs = _example(io, batch=2, given=example)
     dynamic = {n: {0: BATCH_DIM} for n in names + outputs}
-    for t in io.inputs + io.outputs:  # the contract's variable dims (PROFILE) stay symbolic when traced
+    for t in io.inputs + io.outputs:  # the contract's variable dims (PROFILE, AUDIO of a recording) stay symbolic
         dynamic[t.name].update({i + 1: f"{t.name}_{i + 1}" for i, d in enumerate(t.dims) if d == -1})
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, tuple(example), str(path), input_names=names, output_names=outputs,
+            module, tuple(example_tensors), str(path), input_names=names, output_names=outputs,
             dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     model = declare_contract_shapes(onnx.load(str(path)), io)
@@ -118,7 +130,7 @@ def _export(module: torch.nn.Module, io: contract.ModelIO, path: Path, metadata:
 def export_preprocessor(model, preset: Preset, path: Path, source: str) -> Path:
     module = StreamingFeatures(model.preprocessor.featurizer, preset).eval()
     meta = {"graph": "preprocessor", "preset": preset.to_dict(), "source": source}
-    return _export(module, contract.preprocessor_io(preset), path, meta)
+    return export_graph(module, contract.preprocessor_io(preset), path, meta)
 
 
 def weights_digest(model) -> str:
@@ -150,7 +162,7 @@ def export_step(model, preset: Preset, path: Path, source: str) -> Path:
     meta = {"graph": "sortformer", "preset": preset.to_dict(), "emb_dim": emb_dim, "source": source,
             "profile_fingerprint": fingerprint, "profile_format": contract.PROFILE_FORMAT,
             "profile_size": contract.profile_size(preset, emb_dim)}
-    return _export(module, contract.sortformer_io(preset, emb_dim), path, meta)
+    return export_graph(module, contract.sortformer_io(preset, emb_dim), path, meta)
 
 
 def read_metadata(path: Path) -> Dict[str, object]:
