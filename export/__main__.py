@@ -149,8 +149,8 @@ def export_repository(model, source: str, out: Path, presets: Sequence[Preset], 
         if offline_model is not None:
             info["offline"] = _write_offline(offline_model, offline_source or "?", staging, flavours,
                                              config_kw["offline_max_samples"])
-            for flavour in flavours:
-                (staging / flavour / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for flavour in flavours:
+            (staging / flavour / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if "production" in flavours:
             validator.require_valid(staging / "production", shown_as=out / "production")
             log.info("production repository passes the onnxruntime backend's load-time rules (%s)",
@@ -167,6 +167,8 @@ def export_repository(model, source: str, out: Path, presets: Sequence[Preset], 
 
 def _write_flavours(model, source: str, out: Path, presets: Sequence[Preset], flavours: Sequence[str],
                     emb_dim: int, **config_kw) -> dict:
+    """The streaming presets' configs, graphs and Python models into every flavour; returns the export info
+    (``export_repository`` writes it, with the offline model's, as INFO_FILE)."""
     from .onnx_export import export_preprocessor, export_step
 
     for flavour in flavours:
@@ -197,8 +199,6 @@ def _write_flavours(model, source: str, out: Path, presets: Sequence[Preset], fl
         "flavours": list(flavours),
         "async_streaming": True,
     }
-    for flavour in flavours:
-        (out / flavour / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -61,10 +61,9 @@ def max_samples_for(seconds: float) -> int:
     return int(seconds * SAMPLE_RATE) // FRAME_SAMPLES * FRAME_SAMPLES
 
 
-def padded_length(n_samples: int, max_samples: Optional[int] = None) -> int:
-    """AUDIO's length for a recording of ``n_samples``: the next multiple of BUCKET_SAMPLES (at most max)."""
-    n = max(1, -(-int(n_samples) // BUCKET_SAMPLES)) * BUCKET_SAMPLES
-    return min(n, max_samples) if max_samples is not None and n_samples <= max_samples else n
+def padded_length(n_samples: int) -> int:
+    """AUDIO's length for a recording of ``n_samples``: the next multiple of BUCKET_SAMPLES."""
+    return max(1, -(-int(n_samples) // BUCKET_SAMPLES)) * BUCKET_SAMPLES
 
 
 def request_error(audio: np.ndarray, length: np.ndarray, max_samples: int) -> Optional[str]:
