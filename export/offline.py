@@ -13,7 +13,7 @@ lengths (each row zero-padded, its length given):
    Transformer encoder and speaker head, traced as they are.
 
 Outputs: PREDS [batch, frames, 4] (zero past the row's frames) and N_FRAMES [batch, 1]. The time axis is
-variable; the positional encoding is sized for ``max_samples`` (longer audio is refused by ``offline_admission``
+variable; the positional encoding is sized for ``max_samples`` padded to its bucket (longer audio is refused by ``offline_admission``
 before it reaches the graph).
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ class OfflineDiarizer(nn.Module):
         self.transformer = model.transformer_encoder
         self.mods = model.sortformer_modules
         # the relative positional encoding must cover the longest admitted recording (NeMo grows it lazily)
-        self.encoder.set_max_audio_length(max_samples // HOP_SAMPLES + 2 * SUBSAMPLING)
+        # (and its padding: clients pad to the 5 s bucket, offline.padded_length)
+        self.encoder.set_max_audio_length(offline.padded_length(max_samples) // HOP_SAMPLES + 2 * SUBSAMPLING)
 
     def features(self, audio: Tensor, length: Tensor) -> Tensor:
         """[B, N] audio, [B] lengths -> [B, mels, N // 160] NeMo features (normalized, zero past each row)."""

@@ -4,8 +4,8 @@
 ``sortformer_offline`` (ONNX, dynamic batching over recordings) -> ``offline_postprocessor`` (Python:
 segments). A request is one recording: AUDIO [N] float32 16 kHz mono zero-padded, AUDIO_LENGTH [1] its
 valid samples. Triton batches requests whose AUDIO has the same N, so clients pad to a multiple of
-``BUCKET_SAMPLES`` (recordings of similar length then share a batch); the server accepts any N up to the
-repository's ``max_samples`` (``--offline-max-seconds`` at export; NeMo's v1 was trained on 90 s sessions).
+``BUCKET_SAMPLES`` (recordings of similar length then share a batch); the server accepts recordings of up to
+the repository's ``max_samples`` valid samples, padded up to that limit's bucket (``--offline-max-seconds`` at export; NeMo's v1 was trained on 90 s sessions).
 """
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ def request_error(audio: np.ndarray, length: np.ndarray, max_samples: int) -> Op
     if audio.ndim != 2:
         return f"AUDIO must be [samples] (one recording per request), got shape {list(audio.shape[1:])}"
     n = audio.shape[1]
-    if n > max_samples:
-        return (f"AUDIO holds {n} samples ({n / SAMPLE_RATE:.1f} s); this offline model takes at most "
-                f"{max_samples} ({max_samples / SAMPLE_RATE:.1f} s) per request: split the recording, or stream "
-                "it through a diarizer_<preset> ensemble")
+    too_long = (f"this offline model takes recordings of at most {max_samples} samples ({max_samples / SAMPLE_RATE:.1f} "
+                "s) per request: split the recording, or stream it through a diarizer_<preset> ensemble")
+    if n > padded_length(max_samples):  # a client pads the longest admitted recording up to its 5 s bucket
+        return f"AUDIO holds {n} samples ({n / SAMPLE_RATE:.1f} s); {too_long}"
     lengths = length.reshape(-1)
     if lengths.size != audio.shape[0]:
         return f"AUDIO_LENGTH must hold one value per recording, got {lengths.size} for {audio.shape[0]}"
@@ -83,6 +83,8 @@ def request_error(audio: np.ndarray, length: np.ndarray, max_samples: int) -> Op
         if not FRAME_SAMPLES <= int(valid) <= n:
             return (f"AUDIO_LENGTH {int(valid)} must be between {FRAME_SAMPLES} (one 80 ms frame) and the {n} "
                     "samples AUDIO holds")
+        if int(valid) > max_samples:
+            return f"AUDIO_LENGTH {int(valid)} ({int(valid) / SAMPLE_RATE:.1f} s): {too_long}"
         samples = row[: int(valid)]
         if not np.isfinite(samples).all():
             return "AUDIO holds NaN or Inf"

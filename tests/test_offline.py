@@ -51,6 +51,16 @@ def test_request_rules() -> None:
     loud_padding[0, -1] = 300.0  # past AUDIO_LENGTH: padding is not checked (the graph masks it)
     assert offline.request_error(loud_padding, np.array([[cap - 10]]), cap) is None
     assert "one value per recording" in offline.request_error(np.zeros((2, 2000), np.float32), np.array([[2000]]), cap)
+    # a limit off the 5 s grid: a recording within it, padded to its bucket as a client pads, is admitted
+    odd = offline.max_samples_for(62)
+    inside = int(61.5 * SAMPLE_RATE)
+    assert offline.padded_length(inside) > odd
+    assert offline.request_error(np.zeros((1, offline.padded_length(inside)), np.float32), np.array([[inside]]),
+                                 odd) is None
+    assert "at most" in offline.request_error(np.zeros((1, offline.padded_length(inside)), np.float32),
+                                              np.array([[odd + 1]]), odd)
+    assert "at most" in offline.request_error(np.zeros((1, offline.padded_length(odd) + 1), np.float32),
+                                              np.array([[inside]]), odd)
     assert offline.padded_length(1) == offline.BUCKET_SAMPLES
     assert offline.padded_length(offline.BUCKET_SAMPLES + 1) == 2 * offline.BUCKET_SAMPLES
     assert offline.max_samples_for(90) == 90 * SAMPLE_RATE
