@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clients.curator",
                                      description="NeMo Curator diarization / speaker separation on a Triton server")
     parser.add_argument("command", choices=("separate", "diarize"))
-    parser.add_argument("inputs", nargs="*", type=Path, help="audio files or directories")
+    parser.add_argument("inputs", nargs="*", type=Path,
+                        help="audio files, or directories searched recursively (as diarize run searches them)")
     parser.add_argument("--manifest", type=Path, help="a JSONL manifest (audio_filepath per line) instead of files")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--url", default=os.environ.get("DIARIZE_URL", "localhost:8001"),
@@ -62,20 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _collect(inputs: List[Path]) -> List[Path]:
-    from clients.sortformer_client.audio import audio_extensions
-
-    files: List[Path] = []
-    for path in inputs:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in audio_extensions()))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"{path} does not exist")
-    return files
-
-
 def _write_manifest(files: List[Path], path: Path) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for f in files:
@@ -95,6 +82,7 @@ def _start_ray(args: argparse.Namespace) -> None:
 
 def main(argv: List[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from clients.diarize.cli import collect_files
     from clients.sortformer_client import DiarizationError
 
     from . import core
@@ -105,9 +93,7 @@ def main(argv: List[str] | None = None) -> int:
             raise ValueError("--batch-size must be >= 1")
         if (args.manifest is None) == (not args.inputs):
             raise ValueError("give audio files/directories or --manifest (one of them)")
-        files = _collect(args.inputs) if args.inputs else []
-        if args.inputs and not files:
-            raise ValueError("no audio files found")
+        files = collect_files([os.fspath(p) for p in args.inputs]) if args.inputs else []
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

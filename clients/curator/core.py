@@ -69,19 +69,13 @@ def connect(url: str, protocol: str = "grpc", preset: str = DEFAULT_PRESET,
     client = DiarizationClient(url, protocol=protocol, preset=streaming, timeout=timeout)
     try:
         if preset == OFFLINE:
-            check_offline(client)
+            client.check_offline()
         else:
             client.check()
     except BaseException:
         client.close()
         raise
     return client
-
-
-def check_offline(client: DiarizationClient) -> None:
-    """The offline model's check (``DiarizationClient.check_offline``): ``ModelUnavailable`` saying the
-    server has no offline model unless it serves ``diarizer_offline``."""
-    client.check_offline()
 
 
 def diarize_many(client: DiarizationClient, audios: Sequence[Optional[Tuple[np.ndarray, int]]], preset: str,
